@@ -1,0 +1,286 @@
+"""Typed configs: dataclass defaults <- preset YAML <- command-line `key.sub=value` overrides.
+
+Presets in `configs/` hold only overrides. A preset may name another with `inherit: NAME`.
+The `policy` section is typed by the config class that `registry.POLICIES[policy.name]` gives,
+so every key is checked against a schema and every error names the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from diffusion_policy.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+DEFAULT_PRESET = "pusht_diffusion_state"
+
+
+@dataclass
+class TaskConfig:
+    """What the policy observes and where its demonstrations are."""
+
+    name: str = "pusht"
+    env_id: str = "PushT-v0"
+    obs_type: str = "keypoints"  # state | keypoints | pixels_agent_pos
+    dataset: str = (
+        "datasets/pusht/pusht_cchi_v7_replay.zarr"  # relative paths resolve from the working dir
+    )
+    control_hz: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.obs_type not in ("state", "keypoints", "pixels_agent_pos"):
+            raise ConfigError(
+                f"task.obs_type={self.obs_type!r}: expected one of state, keypoints, pixels_agent_pos"
+            )
+
+
+@dataclass
+class DataConfig:
+    """Which episodes train and validate."""
+
+    val_ratio: float = 0.02  # fraction of episodes held out (the original's split)
+    split_seed: int = 42
+    max_train_episodes: int | None = 90  # the paper trains on 90 of the 206 Push-T episodes
+    val_episodes: str = "heldout"  # heldout: the split-off episodes; complement: every non-training episode (original)
+    resident: bool = True  # keep the whole dataset on the training device and index batches there
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.val_ratio < 1.0:
+            raise ConfigError(f"data.val_ratio={self.val_ratio}: must be in [0, 1)")
+        if self.val_episodes not in ("heldout", "complement"):
+            raise ConfigError(
+                f"data.val_episodes={self.val_episodes!r}: expected heldout or complement"
+            )
+        if self.max_train_episodes is not None and self.max_train_episodes < 1:
+            raise ConfigError(
+                f"data.max_train_episodes={self.max_train_episodes}: must be >= 1 or null"
+            )
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, EMA and the cadence of evaluation and checkpoints (all in optimizer steps)."""
+
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    batch_size: int = 256
+    lr: float = 1.0e-4
+    betas: list[float] = field(default_factory=lambda: [0.95, 0.999])
+    eps: float = 1.0e-8
+    weight_decay: float = 1.0e-6
+    lr_scheduler: str = "cosine"  # any diffusers.optimization scheduler name
+    lr_warmup_steps: int = 500
+    num_epochs: int = 5000  # the paper's length; max_steps, when set, wins
+    max_steps: int | None = None
+    time_limit_min: float | None = None  # stop (and checkpoint) after this much wall time
+    stop_at_step: int | None = (
+        None  # stop (and checkpoint) here without changing the schedule; resume continues
+    )
+    grad_clip_norm: float | None = None
+    use_ema: bool = True
+    ema_power: float = 0.75
+    ema_max_decay: float = 0.9999
+    log_every: int = 50
+    val_every: int = 2000
+    eval_every: int = 10000  # rollout evaluation during training; 0 disables
+    eval_first: bool = False  # also evaluate before the first step
+    checkpoint_every: int = 10000
+    keep_best: int = 3  # best-k checkpoints by eval mean_score
+    num_threads: int = 0  # torch intra-op threads on CPU; 0 = torch default
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"train.batch_size={self.batch_size}: must be >= 1")
+        if len(self.betas) != 2:
+            raise ConfigError(f"train.betas={self.betas}: expected two values")
+        for name in ("log_every", "val_every", "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}={getattr(self, name)}: must be >= 0")
+
+
+@dataclass
+class EvalConfig:
+    """Rollouts as the paper measured them: max reward per episode, averaged over test seeds."""
+
+    n_episodes: int = 50
+    seed_start: int = 100000  # the paper's test seeds are 100000..100049
+    max_steps: int = 300
+    n_envs: int = 0  # envs stepped in parallel; 0 = min(n_episodes, 2 * cpu count)
+    vector: str = "async"  # async | sync
+    n_videos: int = 4
+    video_size: int = 96
+    num_inference_steps: int | None = None  # override the policy's sampler steps at eval
+    worker_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.vector not in ("async", "sync"):
+            raise ConfigError(f"eval.vector={self.vector!r}: expected async or sync")
+        if self.n_episodes < 1:
+            raise ConfigError(f"eval.n_episodes={self.n_episodes}: must be >= 1")
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging; offline by default and never required."""
+
+    mode: str = "offline"  # online | offline | disabled
+    project: str = "diffusion_policy"
+    entity: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("online", "offline", "disabled"):
+            raise ConfigError(f"wandb.mode={self.mode!r}: expected online, offline or disabled")
+
+
+@dataclass
+class Config:
+    """Everything a run needs; saved as the run's (and every checkpoint's) config.yaml."""
+
+    preset: str = DEFAULT_PRESET
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    policy: Any = None  # the dataclass registered under policy.name
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    run_dir: str | None = None  # default: runs/<preset>-<timestamp>
+
+
+def _preset_path(preset: str) -> Path:
+    p = Path(preset)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.exists():
+            raise ConfigError(f"preset file {preset!r} does not exist")
+        return p
+    p = CONFIG_DIR / f"{preset}.yaml"
+    if not p.exists():
+        known = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
+        raise ConfigError(
+            f"unknown preset {preset!r} (known: {', '.join(known)}; or give a path to a .yaml file)"
+        )
+    return p
+
+
+def _load_preset(preset: str, seen: tuple[str, ...] = ()) -> DictConfig:
+    path = _preset_path(preset)
+    if str(path) in seen:
+        raise ConfigError(f"preset {preset!r}: inherit cycle through {' -> '.join(seen)}")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as e:  # yaml syntax errors
+        raise ConfigError(f"preset {path}: cannot parse YAML: {e}") from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"preset {path}: expected a mapping at the top level")
+    parent = node.pop("inherit", None)
+    if parent is not None:
+        node = OmegaConf.merge(_load_preset(str(parent), (*seen, str(path))), node)
+    return node
+
+
+def _explain(e: OmegaConfBaseException, where: str) -> ConfigError:
+    key = getattr(e, "full_key", None) or ""
+    msg = str(e).splitlines()[0]
+    return ConfigError(f"{where}: {('key ' + repr(key) + ': ') if key else ''}{msg}")
+
+
+def _schema(policy_name: str) -> DictConfig:
+    from diffusion_policy.registry import policy_config_class
+
+    schema = OmegaConf.structured(Config)
+    schema.policy = OmegaConf.structured(policy_config_class(policy_name))
+    return schema
+
+
+def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """defaults <- preset <- overrides, validated. Raises ConfigError naming the bad key or value."""
+    preset = preset or DEFAULT_PRESET
+    user = _load_preset(preset)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value (e.g. train.batch_size=64)")
+    try:
+        cli = OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise _explain(e, "overrides") from None
+    return config_from_nodes([user, cli], preset=str(preset))
+
+
+def config_from_nodes(nodes: list[Any], preset: str | None = None) -> Config:
+    """Merge plain mappings onto the schema of the policy they name and build the typed Config."""
+    name = "diffusion"
+    for node in nodes:
+        pol = OmegaConf.select(
+            OmegaConf.create(node) if not isinstance(node, DictConfig) else node, "policy.name"
+        )
+        if pol is not None:
+            name = str(pol)
+    cfg = _schema(name)
+    for i, node in enumerate(nodes):
+        where = "preset" if i == 0 else "overrides"
+        try:
+            cfg = OmegaConf.merge(cfg, node)
+        except OmegaConfBaseException as e:
+            raise _explain(e, where) from None
+    if preset is not None:
+        cfg.preset = Path(preset).stem if preset.endswith((".yaml", ".yml")) else preset
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise _explain(e, "config") from None
+    assert isinstance(obj, Config)
+    return obj
+
+
+# Keys a resumed run may change: they do not alter the optimisation, so the run stays bit-for-bit.
+RESUME_SAFE_PREFIXES = (
+    "train.stop_at_step",
+    "train.time_limit_min",
+    "train.progress",
+    "train.device",
+    "train.num_threads",
+    "eval.",
+    "wandb.",
+)
+
+
+def apply_resume_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """Apply overrides that a resumed run may change; refuse the rest, naming them."""
+    bad = [
+        o.split("=", 1)[0]
+        for o in overrides
+        if not o.split("=", 1)[0].startswith(RESUME_SAFE_PREFIXES)
+    ]
+    if bad:
+        raise ConfigError(
+            f"--resume keeps the saved config; cannot override {bad} (allowed: {', '.join(RESUME_SAFE_PREFIXES)})"
+        )
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+    return config_from_nodes([OmegaConf.structured(cfg), OmegaConf.from_dotlist(list(overrides))])
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_from_yaml(text_or_path: str | Path) -> Config:
+    """Rebuild a saved config (a checkpoint's config.yaml) with full validation."""
+    p = Path(text_or_path)
+    try:
+        node = OmegaConf.load(p) if p.exists() else OmegaConf.create(str(text_or_path))
+    except Exception as e:
+        raise ConfigError(f"cannot read config {text_or_path}: {e}") from None
+    return config_from_nodes([node])
+
+
+def to_dict(obj: Any) -> dict:
+    """A dataclass (config) as plain python, for logging."""
+    return dataclasses.asdict(obj)

@@ -1,0 +1,114 @@
+"""`dp data ...`: inspect, validate and fetch demonstration stores.
+
+Each subcommand is one `_cmd_<name>(args) -> int` function plus one `_SUBCOMMANDS` line giving its help
+and an argument-adding function. `generate` and `record` plug in the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import numpy as np
+
+from diffusion_policy.errors import DataError
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from diffusion_policy.data.replay_buffer import ReplayBuffer
+
+    buf = ReplayBuffer.open(args.path, "r")
+    lengths = buf.episode_lengths
+    print(f"store     {buf.path}")
+    print(f"format    zarr v{buf._group.metadata.zarr_format}")
+    print(f"episodes  {buf.n_episodes}")
+    print(f"steps     {buf.n_steps}")
+    if lengths.size:
+        print(f"lengths   min {lengths.min()}  mean {lengths.mean():.1f}  max {lengths.max()}")
+    print(f"{'key':<20} {'shape':<22} {'dtype':<9} {'chunks':<20} compressors")
+    arrays = [(f"data/{k}", buf[k]) for k in buf.keys()] + [("meta/episode_ends", buf._ends)]
+    for name, a in arrays:
+        comp = getattr(a, "compressors", ()) or ()
+        comp_s = ", ".join(
+            type(c).__name__ if not hasattr(c, "cname") else f"{type(c).__name__}({_cname(c)})"
+            for c in comp
+        )
+        print(
+            f"{name:<20} {str(tuple(a.shape)):<22} {str(np.dtype(a.dtype)):<9} {str(tuple(a.chunks)):<20} {comp_s}"
+        )
+    return 0
+
+
+def _cname(c: object) -> str:
+    name = getattr(c, "cname", "")
+    return str(getattr(name, "value", name))
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from diffusion_policy.data.replay_buffer import validate
+
+    problems = validate(args.path)
+    for p in problems:
+        print(p)
+    if problems:
+        print(f"{len(problems)} problem(s)")
+        return 1
+    print("OK")
+    return 0
+
+
+def _cmd_fetch(args: argparse.Namespace) -> int:
+    from diffusion_policy.data.fetch import fetch
+
+    fetch(args.manifest or args.name, dest=args.dest, url=args.url, force=args.force)
+    return 0
+
+
+def _args_path(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="a replay-buffer zarr store (directory)")
+
+
+def _args_fetch(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", choices=["pusht"], help="which published dataset")
+    p.add_argument("--dest", default="datasets", help="destination folder (default: datasets/)")
+    p.add_argument(
+        "--url", default=None, help="http(s) URL, file:// URL, local .zip or local .zarr directory"
+    )
+    p.add_argument(
+        "--force", action="store_true", help="replace an existing copy that fails verification"
+    )
+    p.add_argument(
+        "--manifest", default=None, help=argparse.SUPPRESS
+    )  # tests: verify against another manifest
+
+
+Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+# name -> (help, add-arguments, run). Adding a subcommand is one function and one line here.
+_SUBCOMMANDS: dict[str, Command] = {
+    "info": (
+        "episodes, steps, keys, shapes, dtypes, chunks and episode lengths",
+        _args_path,
+        _cmd_info,
+    ),
+    "validate": (
+        "check lengths, episode_ends, NaN/Inf, dtypes and chunk files",
+        _args_path,
+        _cmd_validate,
+    ),
+    "fetch": ("download and verify a published dataset into datasets/", _args_fetch, _cmd_fetch),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+    for name, (help_text, add, _) in _SUBCOMMANDS.items():
+        add(sub.add_parser(name, help=help_text, description=help_text))
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.data_command not in _SUBCOMMANDS:
+        raise DataError(f"unknown data subcommand {args.data_command!r}")
+    return _SUBCOMMANDS[args.data_command][2](args)
+
+
+__all__ = ["add_arguments", "run"]

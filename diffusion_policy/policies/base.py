@@ -1,0 +1,146 @@
+"""The policy contract shared by every algorithm, and the timing of observations against actions.
+
+Timing for To = n_obs_steps = 2, T = horizon = 16, Ta = n_action_steps = 8 (one column per env step):
+
+    step k:      0   1   2   3   4   5   6   7   8   9  10  11  12  13  14  15
+    obs:       |o0 |o1 |                                                       <- the To newest observations
+    action:    |a0 |a1 |a2 |a3 |a4 |a5 |a6 |a7 |a8 |a9 |a10|a11|a12|a13|a14|a15|  <- predicted chunk (T)
+    executed:       |a1 |a2 |a3 |a4 |a5 |a6 |a7 |a8 |                         <- [To-1, To-1+Ta)
+
+obs[k] and action[k] belong to the same step: action[k] is the command issued right after seeing
+obs[k]. The first executed action answers the newest observation (k = To - 1); after Ta steps the
+policy is queried again with the To newest observations (receding horizon).
+
+Vocabulary: B batch, To obs steps, T horizon, Ta executed steps, Da action dim, Do obs feature dim.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from diffusion_policy.data.datasets import ShapeMeta
+from diffusion_policy.errors import ConfigError, ObservationError
+from diffusion_policy.models.encoders import EncoderConfig
+from diffusion_policy.models.normalizer import LinearNormalizer
+from diffusion_policy.models.vision import check_image_obs
+
+
+@dataclass
+class PolicyConfig:
+    """Fields every policy has. Algorithms subclass it and add their own."""
+
+    name: str = "base"
+    horizon: int = 16  # T: length of the predicted action chunk
+    n_obs_steps: int = 2  # To: observations the policy conditions on
+    n_action_steps: int = 8  # Ta: actions executed before re-planning
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+
+    @classmethod
+    def tiny(cls) -> PolicyConfig:
+        """A minimal configuration for tests and smoke runs; algorithms shrink their networks here."""
+        return cls()
+
+    def __post_init__(self) -> None:
+        for k in ("horizon", "n_obs_steps", "n_action_steps"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"policy.{k}={getattr(self, k)}: must be >= 1")
+        if self.n_obs_steps + self.n_action_steps - 1 > self.horizon:
+            raise ConfigError(
+                f"policy: n_obs_steps + n_action_steps - 1 = {self.n_obs_steps + self.n_action_steps - 1} "
+                f"exceeds horizon={self.horizon}; the executed actions must lie inside the predicted chunk"
+            )
+
+
+class Policy(nn.Module, ABC):
+    """obs (B, To, ...) -> action chunk. Normalisation lives inside, in the state dict."""
+
+    def __init__(self, config: PolicyConfig, shape_meta: ShapeMeta):
+        super().__init__()
+        self.config = config
+        self.shape_meta = shape_meta
+        dims = {"action": shape_meta.action_dim}
+        dims.update(
+            {k: math.prod(s.shape) for k, s in shape_meta.obs.items() if s.kind == "low_dim"}
+        )
+        self.normalizer = LinearNormalizer(dims)
+
+    # --- the contract -------------------------------------------------------------------------
+    @abstractmethod
+    def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """batch: {"obs": {key: (B, To, ...)}, "action": (B, T, Da)} in raw units -> scalar loss."""
+
+    @abstractmethod
+    def predict_action_chunk(
+        self, obs: dict[str, torch.Tensor], generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        """obs {key: (B, To, ...)} raw -> {"action": (B, Ta, Da), "action_pred": (B, T, Da)} raw units."""
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The training loss, so DistributedDataParallel can wrap the policy."""
+        return self.compute_loss(batch)
+
+    def reset(self) -> None:
+        """Clear any per-episode state (none for the built-in policies)."""
+
+    # --- shared helpers -----------------------------------------------------------------------
+    def fit_normalizer(self, data: dict[str, np.ndarray], mode: str = "limits") -> None:
+        """Fit from all frames of the dataset (spec §2.5): action and every low-dim obs key."""
+        self.normalizer.fit({k: v for k, v in data.items() if k in self.normalizer.dims}, mode=mode)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def normalize_obs(self, obs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Low-dim keys through the fitted normaliser; images stay raw uint8 for the encoder."""
+        out = {}
+        for key, spec in self.shape_meta.obs.items():
+            x = obs[key]
+            out[key] = (
+                self.normalizer.normalize(key, x.float().reshape(*x.shape[:2], -1))
+                if spec.kind == "low_dim"
+                else x
+            )
+        return out
+
+    def check_obs(self, obs: dict[str, Any], n_steps: int | None = None) -> dict[str, torch.Tensor]:
+        """Validate keys, shapes and dtypes of (B, To, ...) observations; return tensors on our device."""
+        if not isinstance(obs, dict):
+            raise ObservationError(
+                f"observation must be a dict of arrays, got {type(obs).__name__}"
+            )
+        n_steps = self.config.n_obs_steps if n_steps is None else n_steps
+        missing = [k for k in self.shape_meta.obs if k not in obs]
+        if missing:
+            raise ObservationError(
+                f"observation is missing key(s) {missing} (expected {list(self.shape_meta.obs)})"
+            )
+        out, batch = {}, None
+        for key, spec in self.shape_meta.obs.items():
+            x = obs[key]
+            x = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+            want = (n_steps, *spec.shape)
+            rgb = spec.kind == "rgb"
+            if rgb:  # uint8 HWC at the trained size (any size when the encoder resizes)
+                check_image_obs(key, x, want, any_size=self.config.encoder.resize_shape is not None)
+            bad_batch = batch is not None and x.shape[0] != batch
+            if (not rgb and tuple(x.shape[1:]) != want) or bad_batch:
+                raise ObservationError(
+                    f"obs[{key!r}] has shape {tuple(x.shape)}, expected (B, {', '.join(map(str, want))}) {spec.dtype}"
+                )
+            batch = x.shape[0]
+            if not rgb:
+                if not (x.dtype.is_floating_point or x.dtype in (torch.int32, torch.int64)):
+                    raise ObservationError(f"obs[{key!r}] has dtype {x.dtype}, expected float32")
+                x = x.float()
+                if not torch.isfinite(x).all():
+                    raise ObservationError(f"obs[{key!r}] contains NaN or Inf")
+            out[key] = x.to(self.device)
+        return out

@@ -1,0 +1,197 @@
+"""Diffusion Policy (Chi et al., RSS 2023): denoise an action chunk conditioned on observations.
+
+Training (DDPM, L_simple): x_t = sqrt(abar_t) a0 + sqrt(1 - abar_t) eps, loss = ||eps - eps_theta(x_t, t, o)||^2.
+Sampling: start from noise and run a diffusers scheduler (DDPM or DDIM) loop written out here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler
+from einops import rearrange
+
+from diffusion_policy.data.datasets import ShapeMeta
+from diffusion_policy.errors import ConfigError
+from diffusion_policy.models.encoders import ObsEncoder
+from diffusion_policy.models.unet1d import ConditionalUnet1D
+from diffusion_policy.policies.base import Policy, PolicyConfig
+
+
+@dataclass
+class UnetConfig:
+    """ConditionalUnet1D sizes; the defaults are the paper's Push-T state model (65.8 M parameters)."""
+
+    diffusion_step_embed_dim: int = 256
+    down_dims: list[int] = field(default_factory=lambda: [256, 512, 1024])
+    kernel_size: int = 5
+    n_groups: int = 8
+    cond_predict_scale: bool = True  # FiLM scale and bias (the paper), else bias only
+
+
+@dataclass
+class NoiseConfig:
+    """The diffusion process; diffusers' schedulers implement it."""
+
+    num_train_timesteps: int = 100
+    beta_schedule: str = "squaredcos_cap_v2"
+    clip_sample: bool = True
+    prediction_type: str = "epsilon"  # epsilon | sample
+    sampler: str = "ddpm"  # ddpm | ddim
+    num_inference_steps: int = 100
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in ("epsilon", "sample"):
+            raise ConfigError(
+                f"policy.noise.prediction_type={self.prediction_type!r}: expected epsilon or sample"
+            )
+        if self.sampler not in ("ddpm", "ddim"):
+            raise ConfigError(f"policy.noise.sampler={self.sampler!r}: expected ddpm or ddim")
+        if not 1 <= self.num_inference_steps <= self.num_train_timesteps:
+            raise ConfigError(
+                f"policy.noise.num_inference_steps={self.num_inference_steps}: must be in [1, num_train_timesteps={self.num_train_timesteps}]"
+            )
+
+
+@dataclass
+class DiffusionConfig(PolicyConfig):
+    name: str = "diffusion"
+    unet: UnetConfig = field(default_factory=UnetConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+
+    @classmethod
+    def tiny(cls) -> DiffusionConfig:
+        return cls(
+            unet=UnetConfig(diffusion_step_embed_dim=16, down_dims=[16, 32]),
+            noise=NoiseConfig(num_inference_steps=4),
+        )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        factor = 2 ** (len(self.unet.down_dims) - 1)
+        if self.horizon % factor:
+            raise ConfigError(
+                f"policy.horizon={self.horizon} must be divisible by 2^(len(unet.down_dims)-1) = {factor}"
+            )
+
+
+def make_scheduler(cfg: NoiseConfig, kind: str | None = None) -> DDPMScheduler | DDIMScheduler:
+    kind = kind or cfg.sampler
+    common = dict(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_schedule=cfg.beta_schedule,
+        clip_sample=cfg.clip_sample,
+        prediction_type=cfg.prediction_type,
+    )
+    if kind == "ddpm":
+        return DDPMScheduler(variance_type="fixed_small", **common)
+    return DDIMScheduler(set_alpha_to_one=True, steps_offset=0, **common)
+
+
+class DiffusionPolicy(Policy):
+    """Observation encoder + ConditionalUnet1D denoiser; actions normalised to [-1, 1]."""
+
+    def __init__(self, config: DiffusionConfig, shape_meta: ShapeMeta):
+        super().__init__(config, shape_meta)
+        self.obs_encoder = ObsEncoder(config.encoder, shape_meta)
+        u = config.unet
+        self.model = ConditionalUnet1D(
+            input_dim=shape_meta.action_dim,
+            global_cond_dim=self.obs_encoder.output_dim * config.n_obs_steps,
+            diffusion_step_embed_dim=u.diffusion_step_embed_dim,
+            down_dims=list(u.down_dims),
+            kernel_size=u.kernel_size,
+            n_groups=u.n_groups,
+            cond_predict_scale=u.cond_predict_scale,
+        )
+        self.noise_scheduler = make_scheduler(config.noise, "ddpm")  # training: the forward process
+        self.sampler = make_scheduler(config.noise)
+        self.num_inference_steps = config.noise.num_inference_steps
+
+    def set_sampler(self, kind: str | None = None, num_inference_steps: int | None = None) -> None:
+        """Switch the sampling scheduler (ddpm | ddim) or its step count, e.g. DDIM-10 for serving."""
+        if kind is not None:
+            self.sampler = make_scheduler(self.config.noise, kind)
+        if num_inference_steps is not None:
+            if not 1 <= num_inference_steps <= self.config.noise.num_train_timesteps:
+                raise ConfigError(
+                    f"num_inference_steps={num_inference_steps}: must be in [1, {self.config.noise.num_train_timesteps}]"
+                )
+            self.num_inference_steps = num_inference_steps
+
+    def global_cond(self, nobs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Normalised obs {key: (B, To, ...)} -> (B, To * Do), flattened time-major."""
+        feats = self.obs_encoder({k: v[:, : self.config.n_obs_steps] for k, v in nobs.items()})
+        return rearrange(feats, "b to d -> b (to d)")
+
+    def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        cond = self.global_cond(self.normalize_obs(batch["obs"]))
+        action = self.normalizer.normalize("action", batch["action"])  # (B, T, Da)
+        if (
+            "noise" in batch
+        ):  # per-sample randomness drawn by the trainer (see sample_training_noise)
+            noise, t = batch["noise"], batch["timesteps"]
+        else:
+            drawn = self.sample_training_noise(action.shape[0], None, action.device)
+            noise, t = drawn["noise"], drawn["timesteps"]
+        noisy = self.noise_scheduler.add_noise(action, noise, t)
+        pred = self.model(noisy, t, cond)
+        target = noise if self.config.noise.prediction_type == "epsilon" else action
+        return F.mse_loss(pred, target)
+
+    def sample_training_noise(
+        self,
+        batch_size: int,
+        generator: torch.Generator | None,
+        device: torch.device | str | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The loss's randomness for `batch_size` samples: eps ~ N(0, I) and t ~ U{0..K-1}."""
+        device = generator.device if generator is not None else (device or self.device)
+        shape = (batch_size, self.config.horizon, self.shape_meta.action_dim)
+        k = self.config.noise.num_train_timesteps
+        return {
+            "noise": torch.randn(shape, generator=generator, device=device),
+            "timesteps": torch.randint(0, k, (batch_size,), generator=generator, device=device),
+        }
+
+    @torch.no_grad()
+    def conditional_sample(
+        self,
+        cond: torch.Tensor,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Reverse diffusion from noise (B, T, Da); deterministic given `generator` or `noise`."""
+        shape = (cond.shape[0], self.config.horizon, self.shape_meta.action_dim)
+        if noise is None:
+            noise = torch.randn(
+                shape,
+                generator=generator,
+                device=generator.device if generator is not None else cond.device,
+            )
+        x = noise.to(device=cond.device, dtype=cond.dtype)
+        self.sampler.set_timesteps(self.num_inference_steps, device=cond.device)
+        for t in self.sampler.timesteps:
+            out = self.model(x, t, cond)
+            x = self.sampler.step(out, t, x, generator=generator).prev_sample
+        return x
+
+    @torch.no_grad()
+    def predict_action_chunk(
+        self,
+        obs: dict[str, torch.Tensor],
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        obs = self.check_obs(obs)
+        cond = self.global_cond(self.normalize_obs(obs))
+        naction = self.conditional_sample(cond, generator=generator, noise=noise)
+        action_pred = self.normalizer.unnormalize("action", naction)
+        start = self.config.n_obs_steps - 1
+        return {
+            "action": action_pred[:, start : start + self.config.n_action_steps],
+            "action_pred": action_pred,
+        }

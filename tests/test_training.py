@@ -1,0 +1,121 @@
+"""The training loop through the real CLI: train -> resume (bit-for-bit) -> eval, checkpoints, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffusion_policy.cli import main
+from diffusion_policy.errors import CheckpointError
+
+pytestmark = pytest.mark.real_data
+
+BASE = ["train.progress=false", "wandb.mode=disabled", "eval.n_videos=0"]
+
+
+def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(ckpt / "train_state" / "raw_model.safetensors"))
+
+
+def test_train_resume_is_bit_for_bit_and_eval_runs(pusht_zarr, tmp_path, capsys):
+    common = ["smoke", f"task.dataset={pusht_zarr}", *BASE, "train.max_steps=6", "train.eval_every=0", "train.val_every=3"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main(["train", *common, f"run_dir={straight}"]) == 0
+    # the same run, stopped at step 3 and resumed
+    assert main(["train", *common, f"run_dir={split}", "train.stop_at_step=3"]) == 0
+    assert json.loads((split / "checkpoints" / "latest" / "meta.json").read_text())["step"] == 3
+    assert main(["train", "--resume", str(split), "train.stop_at_step=null"]) == 0
+    a, b = _weights(straight / "checkpoints" / "latest"), _weights(split / "checkpoints" / "latest")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ema_a = load_file(str(straight / "checkpoints" / "latest" / "model.safetensors"))
+    ema_b = load_file(str(split / "checkpoints" / "latest" / "model.safetensors"))
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+
+    # run directory layout
+    assert (straight / "config.yaml").exists()
+    lines = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/loss" in x for x in lines) and any("val/loss" in x for x in lines)
+    assert (straight / "checkpoints" / "latest").is_symlink()
+
+    # eval from the checkpoint alone, through the CLI
+    out = tmp_path / "eval"
+    assert main(["eval", str(straight), "--episodes", "2", "--max-steps", "10", "--sync", "--videos", "1", "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["n_episodes"] == 2 and set(m["per_seed"]) == {"100000", "100001"}
+    assert 0.0 <= m["mean_score"] <= 1.0 and len(m["mean_score_ci95"]) == 2
+    assert (out / "videos" / "seed_100000.mp4").stat().st_size > 0
+    assert "mean_score" in capsys.readouterr().out
+
+
+def test_resume_refuses_schedule_changes(pusht_zarr, tmp_path, capsys):
+    run = tmp_path / "r"
+    assert main(["train", "smoke", f"task.dataset={pusht_zarr}", *BASE, "train.max_steps=2", "train.eval_every=0", f"run_dir={run}"]) == 0
+    assert main(["train", "--resume", str(run), "train.lr=0.1"]) == 2
+    assert "cannot override ['train.lr']" in capsys.readouterr().err
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
+    assert main(["train", "smoke", "train.nope=1"]) == 2
+    assert "train.nope" in capsys.readouterr().err
+    assert main(["train", "smoke", f"task.dataset={tmp_path / 'missing.zarr'}"]) == 2
+    err = capsys.readouterr().err
+    assert "missing.zarr" in err and "dp data" in err
+    assert main(["eval", str(tmp_path / "no_such_ckpt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_interrupted_checkpoint_write_keeps_latest(pusht_zarr, tmp_path, monkeypatch):
+    from diffusion_policy import checkpoint as ck
+
+    run = tmp_path / "r"
+    assert main(["train", "smoke", f"task.dataset={pusht_zarr}", *BASE, "train.max_steps=2", "train.eval_every=0", f"run_dir={run}"]) == 0
+    latest = (run / "checkpoints" / "latest").resolve()
+    policy, cfg, meta = ck.load_policy(run)
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ck, "save_file", disk_full)
+    with pytest.raises(OSError):
+        ck.save_checkpoint(latest, cfg, policy.shape_meta, policy, meta=meta)
+    monkeypatch.undo()
+    again, _, meta2 = ck.load_policy(run)  # the previous checkpoint is intact
+    assert meta2 == meta
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    with pytest.raises(CheckpointError, match="config.yaml is missing"):
+        ck.load_policy(tmp_path)  # a directory without a checkpoint in it is named
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_match_one_rank_with_double_batch(pusht_zarr, tmp_path):
+    """One step of 2 gloo ranks x batch B equals one step of 1 rank x batch 2B."""
+    common = ["smoke", f"task.dataset={pusht_zarr}", *BASE, "train.max_steps=1", "train.eval_every=0", "train.val_every=0", "train.device=cpu"]
+    one = tmp_path / "one"
+    assert main(["train", *common, "train.batch_size=16", f"run_dir={one}"]) == 0
+    two = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+        "--master_addr=127.0.0.1", "-m", "diffusion_policy.cli", "train", *common, "train.batch_size=8", f"run_dir={two}",
+    ]  # fmt: skip
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    a, b = _weights(one / "checkpoints" / "latest"), _weights(two / "checkpoints" / "latest")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
