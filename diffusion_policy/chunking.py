@@ -53,6 +53,9 @@ class ObsHistory:
         return len(self._frames)
 
 
+_TIME_EPS = 1e-6  # s; an action due "now" stays due despite float rounding of obs_time + k * dt
+
+
 class ChunkExecutor:
     """One robot's observation history and timestamped action queue (the original's real-robot loop).
 
@@ -122,7 +125,7 @@ class ChunkExecutor:
         due = [
             (first + k, a)
             for k, a in enumerate(actions)
-            if obs_time + k * self.dt >= now + self.drop_margin_s
+            if obs_time + k * self.dt >= now + self.drop_margin_s - _TIME_EPS
         ]
         self.n_dropped += len(actions) - len(due)
         if not due and len(actions):
@@ -160,14 +163,16 @@ class ChunkExecutor:
 
 
 class RealtimeController:
-    """The policy side of a fixed-rate control loop: call `reset` once, then `step` every tick.
+    """The policy side of a fixed-rate control loop, for one robot:
+
+        t0 = ctrl.reset(obs0)                         # plans the first chunk, waits for it
+        for i in range(n): action = ctrl.step(obs_i if i else None, t0 + i * dt)  # None: hold
 
     `plan(obs {key: (To, ...)}) -> actions (Ta, Da)` runs in a background thread (a remote call or
     an in-process policy), so the robot keeps executing queued actions while it runs. A new plan is
     requested when the queue would run dry before an answer can arrive: when the actions left
     cover no more than the recent worst latency (at least one tick), or every `replan_every` ticks
-    if set (the original replanned every 6 of 15). `step` returns None when no action is due:
-    hold the last command.
+    if set (the original replanned every 6 of 15). Replies are taken in at the next tick.
     """
 
     def __init__(
@@ -198,25 +203,33 @@ class RealtimeController:
         actions = self.plan(obs)
         return actions, self.clock() - t
 
-    def reset(self, obs: Mapping[str, np.ndarray], t: float) -> None:
-        """Start at time t: plan the first chunk synchronously (the robot waits for it)."""
+    def reset(self, obs: Mapping[str, np.ndarray]) -> float:
+        """Plan the first chunk synchronously (the robot waits for it); returns tick 0's time.
+
+        `obs` counts as tick 0's observation and the first chunk starts there, nothing dropped.
+        """
         self._drain()
-        self.executor.reset(obs, t)
+        self.executor.reset(obs, self.clock())
         actions, latency = self._timed_plan(self.executor.policy_obs())
         self.latencies.append(latency)
-        self.executor.add_chunk(actions, t, now=t)
+        t0 = self.clock()
+        self.executor.reset(obs, t0)
+        self.executor.add_chunk(actions, t0, now=t0)
         self._last_plan_tick = 0
+        return t0
 
-    def step(self, obs: Mapping[str, np.ndarray], t: float) -> np.ndarray | None:
-        """Observation taken at tick time t -> the action to command now (None: hold)."""
+    def step(self, obs: Mapping[str, np.ndarray] | None, t: float) -> np.ndarray | None:
+        """Observation taken at tick time t (None: none new) -> the action to command now (None: hold)."""
         ex = self.executor
-        ex.observe(obs, t)
+        if obs is not None:
+            ex.observe(obs, t)
         if self._inflight is not None and self._inflight[0].done():
             future, obs_time = self._inflight
             self._inflight = None
             actions, latency = future.result()  # a failed plan raises here
             self.latencies.append(latency)
-            ex.add_chunk(actions, obs_time, now=self.clock())
+            # Ticks before t are past; t's own action is the one commanded now, so it still counts.
+            ex.add_chunk(actions, obs_time, now=t)
         if self._inflight is None and self._should_plan(t):
             self._inflight = (self._pool.submit(self._timed_plan, ex.policy_obs()), t)
             self._last_plan_tick = ex.tick(t)

@@ -90,6 +90,7 @@ class TrainConfig:
     val_every: int = 2000
     eval_every: int = 10000  # rollout evaluation during training; 0 disables
     eval_first: bool = False  # also evaluate before the first step
+    final_eval: bool = True  # evaluate when training ends, even with eval_every = 0
     checkpoint_every: int = 10000
     keep_best: int = 3  # best-k checkpoints by eval mean_score
     num_threads: int = 0  # torch intra-op threads on CPU; 0 = torch default
@@ -112,16 +113,16 @@ class EvalConfig:
     n_episodes: int = 50
     seed_start: int = 100000  # the paper's test seeds are 100000..100049
     max_steps: int = 300
-    n_envs: int = 0  # envs stepped in parallel; 0 = min(n_episodes, 2 * cpu count)
-    vector: str = "async"  # async | sync
+    n_envs: int = 0  # envs (and policy batch) per wave; 0 = all episodes in one wave
+    vector: str = "auto"  # async (a process per env) | sync (in-process) | auto: async with >= 8 CPUs
     n_videos: int = 4
     video_size: int = 96
     num_inference_steps: int | None = None  # override the policy's sampler steps at eval
     worker_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
-        if self.vector not in ("async", "sync"):
-            raise ConfigError(f"eval.vector={self.vector!r}: expected async or sync")
+        if self.vector not in ("async", "sync", "auto"):
+            raise ConfigError(f"eval.vector={self.vector!r}: expected async, sync or auto")
         if self.n_episodes < 1:
             raise ConfigError(f"eval.n_episodes={self.n_episodes}: must be >= 1")
 

@@ -78,12 +78,12 @@ def make_env(env_id: str, obs_type: str, max_steps: int, video_size: int) -> gym
 
 
 def _interval(values: np.ndarray) -> list[float]:
-    """95% normal-approximation confidence interval of a mean."""
+    """95% normal-approximation confidence interval of a mean of values in [0, 1]."""
     n = len(values)
     if n < 2:
         return [float(values.mean()), float(values.mean())]
     half = 1.96 * values.std(ddof=1) / math.sqrt(n)
-    return [float(values.mean() - half), float(values.mean() + half)]
+    return [max(0.0, float(values.mean() - half)), min(1.0, float(values.mean() + half))]
 
 
 def _wilson(successes: int, n: int) -> list[float]:
@@ -150,10 +150,11 @@ def evaluate(
     if out:
         (out / "videos").mkdir(parents=True, exist_ok=True)
     seeds = list(range(cfg.seed_start, cfg.seed_start + cfg.n_episodes))
-    n_envs = cfg.n_envs or min(cfg.n_episodes, 2 * (os.cpu_count() or 1))
-    n_envs = min(n_envs, cfg.n_episodes)
+    # One wave of all episodes keeps the policy batch large: sampling, not the env, dominates the cost.
+    n_envs = min(cfg.n_envs or cfg.n_episodes, cfg.n_episodes)
     fn = partial(make_env, task.env_id, task.obs_type, cfg.max_steps, cfg.video_size)
-    if cfg.vector == "async":
+    vector = cfg.vector if cfg.vector != "auto" else ("async" if (os.cpu_count() or 1) >= 8 else "sync")
+    if vector == "async":
         venv: gym.vector.VectorEnv = AsyncVectorEnv(
             [fn] * n_envs,
             autoreset_mode=AutoresetMode.DISABLED,
@@ -286,7 +287,7 @@ def add_arguments(parser) -> None:
         "--max-steps", type=int, default=None, help="env steps per episode (default 300)"
     )
     parser.add_argument(
-        "--n-envs", type=int, default=None, help="parallel envs (default: min(episodes, 2 x cpus))"
+        "--n-envs", type=int, default=None, help="envs per wave, i.e. the policy batch (default: all episodes at once)"
     )
     parser.add_argument(
         "--videos", type=int, default=None, help="record mp4s of the first N episodes (default 4)"
@@ -307,14 +308,55 @@ def add_arguments(parser) -> None:
         help="output dir (default: <checkpoint>/eval-<seed_start>-<episodes>)",
     )
     parser.add_argument("--seed", type=int, default=0, help="sampling noise seed")
+    g = parser.add_argument_group(
+        "policy server and real-time pacing (see diffusion_policy/serving)"
+    )
+    g.add_argument(
+        "--server",
+        default=None,
+        metavar="URL",
+        help="run the policy on a `dp serve` server (ws://HOST:PORT) instead of in-process",
+    )
+    g.add_argument(
+        "--token",
+        default=os.environ.get("DP_SERVE_TOKEN"),
+        help="server token (default: $DP_SERVE_TOKEN)",
+    )
+    g.add_argument(
+        "--realtime",
+        action="store_true",
+        help="pace each env at the task's control rate on the wall clock; inference runs while "
+        "queued actions execute and stale actions are dropped",
+    )
+    g.add_argument(
+        "--robots", type=int, default=None, help="realtime: envs run at once (default: --n-envs)"
+    )
+    g.add_argument(
+        "--ensemble",
+        type=float,
+        default=None,
+        metavar="M",
+        help="realtime: temporal ensembling of overlapping chunks, weights exp(-M*i) (i=0 oldest)",
+    )
+    g.add_argument(
+        "--replan-every",
+        type=int,
+        default=None,
+        metavar="K",
+        help="realtime: also replan every K ticks (default: only when the queue is about to run dry)",
+    )
 
 
 def run(args) -> int:
     from dataclasses import replace
 
-    from diffusion_policy.checkpoint import load_policy
+    from diffusion_policy.checkpoint import load_policy, read_checkpoint_meta, resolve_checkpoint
 
-    policy, cfg, _ = load_policy(args.checkpoint, device=args.device)
+    if args.server:
+        _, cfg, _ = read_checkpoint_meta(args.checkpoint)  # the task and eval settings
+        policy = None
+    else:
+        policy, cfg, _ = load_policy(args.checkpoint, device=args.device)
     ecfg = replace(
         cfg.eval,
         **{
@@ -330,20 +372,106 @@ def run(args) -> int:
             if v is not None
         },
     )
-    if hasattr(policy, "set_sampler") and (args.sampler or args.inference_steps):
+    if (
+        policy is not None
+        and hasattr(policy, "set_sampler")
+        and (args.sampler or args.inference_steps)
+    ):
         policy.set_sampler(args.sampler, args.inference_steps)
-    from diffusion_policy.checkpoint import resolve_checkpoint
-
+    if args.server and (args.sampler or args.inference_steps):
+        raise UserError("--sampler/--inference-steps apply in-process; pass them to `dp serve`")
+    mode = ("realtime-" if args.realtime else "") + ("server" if args.server else "")
     out = (
         Path(args.out)
         if args.out
-        else resolve_checkpoint(args.checkpoint) / f"eval-{ecfg.seed_start}-{ecfg.n_episodes}"
+        else resolve_checkpoint(args.checkpoint)
+        / f"eval-{ecfg.seed_start}-{ecfg.n_episodes}{'-' + mode if mode else ''}"
     )
-    metrics = evaluate(Actor(policy, seed=args.seed), cfg.task, ecfg, out_dir=out)
+    clients = []
+    try:
+        if args.realtime:
+            metrics = _evaluate_realtime(args, policy, cfg, ecfg, out, clients)
+        elif args.server:
+            from diffusion_policy.serving.client import PolicyClient, RemoteActor
+
+            clients.append(PolicyClient(args.server, token=args.token))
+            _check_server(clients[0].metadata, cfg, args.checkpoint)
+            metrics = evaluate(RemoteActor(clients[0], seed=args.seed), cfg.task, ecfg, out_dir=out)
+        else:
+            metrics = evaluate(Actor(policy, seed=args.seed), cfg.task, ecfg, out_dir=out)
+    finally:
+        for c in clients:
+            c.close()
     print(
         f"mean_score {metrics['mean_score']:.3f} [{metrics['mean_score_ci95'][0]:.3f}, {metrics['mean_score_ci95'][1]:.3f}]  "
         f"success_rate {metrics['success_rate']:.3f}  mean_final_coverage {metrics['mean_final_coverage']:.3f}  "
         f"({metrics['n_episodes']} episodes from seed {ecfg.seed_start}, {metrics['wall_time_s']:.0f} s)"
     )
+    if "realtime" in metrics:
+        rt = metrics["realtime"]
+        print(
+            f"realtime {rt['control_hz']:g} Hz, {rt['n_robots']} robots: plan latency p50 {rt['plan_latency_ms_p50']:.1f} ms "
+            f"p99 {rt['plan_latency_ms_p99']:.1f} ms, {rt['plans']} plans, {rt['dropped_actions']} stale actions dropped, "
+            f"{rt['hold_ticks']}/{rt['steps']} ticks held, {rt['late_ticks']} late ticks"
+        )
     print(f"wrote {out / 'metrics.json'}")
     return 0
+
+
+def _check_server(meta: dict[str, Any], cfg: Any, checkpoint: str) -> None:
+    """Refuse a server whose policy observes something else than this checkpoint's task."""
+    if meta.get("task", {}).get("obs_type") != cfg.task.obs_type:
+        raise UserError(
+            f"the server's policy observes {meta.get('task', {}).get('obs_type')!r}, but {checkpoint} "
+            f"is a {cfg.task.obs_type!r} checkpoint"
+        )
+
+
+def _evaluate_realtime(args, policy, cfg, ecfg, out: Path, clients: list) -> dict[str, Any]:
+    """Wall-clock paced rollouts; each robot plans through its own server connection, or through
+    the in-process policy (one at a time, as robots sharing one local GPU would)."""
+    import itertools
+    import threading
+
+    from diffusion_policy.serving.realtime import evaluate_realtime
+
+    seeds = itertools.count(args.seed)
+    if args.server:
+        from diffusion_policy.serving.client import PolicyClient
+
+        lock = threading.Lock()
+
+        def make_planner(i: int):
+            client = PolicyClient(args.server, token=args.token)
+            with lock:
+                clients.append(client)
+            _check_server(client.metadata, cfg, args.checkpoint)
+            return lambda obs: client.infer(obs, seed=next(seeds))["actions"]
+
+        n_obs_steps = cfg.policy.n_obs_steps
+    else:
+        actor_lock = threading.Lock()
+
+        def make_planner(i: int):
+            def plan(obs: dict[str, np.ndarray]) -> np.ndarray:
+                generator = torch.Generator(device=policy.device).manual_seed(next(seeds))
+                with actor_lock, torch.no_grad():
+                    out = policy.predict_action_chunk(
+                        {k: v[None] for k, v in obs.items()}, generator=generator
+                    )
+                return out["action"][0].float().cpu().numpy()
+
+            return plan
+
+        n_obs_steps = policy.config.n_obs_steps
+    n_robots = args.robots or ecfg.n_envs or min(ecfg.n_episodes, 8)
+    return evaluate_realtime(
+        make_planner,
+        n_obs_steps,
+        cfg.task,
+        ecfg,
+        out,
+        n_robots=n_robots,
+        ensemble_decay=args.ensemble,
+        replan_every=args.replan_every,
+    )

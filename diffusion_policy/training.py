@@ -305,7 +305,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
         bar = tqdm(total=total_steps, initial=step, desc="train", unit="it", dynamic_ncols=True)
     t_start, loss_acc, n_acc = time.time(), 0.0, 0
     try:
-        if cfg.train.eval_first and step == 0 and cfg.train.eval_every and d.main:
+        if cfg.train.eval_first and step == 0 and d.main:
             log.log(step, evaluate_now())
         while step < total_steps:
             model.train()
@@ -342,7 +342,8 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
                 and (time.time() - t_start) > 60 * cfg.train.time_limit_min
             ) or (cfg.train.stop_at_step is not None and step >= cfg.train.stop_at_step)
             last = step == total_steps or stop["flag"] or out_of_time
-            if cfg.train.eval_every and d.main and (step % cfg.train.eval_every == 0 or last):
+            periodic = cfg.train.eval_every and step % cfg.train.eval_every == 0
+            if d.main and (periodic or (last and cfg.train.final_eval)):
                 m = evaluate_now()
                 log.log(step, m)
                 if bar:

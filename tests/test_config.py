@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from diffusion_policy.config import CONFIG_DIR, apply_resume_overrides, config_from_yaml, config_to_yaml, load_config
+from diffusion_policy.config import (
+    CONFIG_DIR,
+    apply_resume_overrides,
+    config_from_yaml,
+    config_to_yaml,
+    load_config,
+)
 from diffusion_policy.errors import ConfigError
 
 
@@ -22,16 +28,30 @@ def test_paper_state_preset_is_the_default():
     assert cfg.task.obs_type == "keypoints"
     assert cfg.train.batch_size == 256 and cfg.train.lr == 1e-4 and cfg.train.betas == [0.95, 0.999]
     assert cfg.train.weight_decay == 1e-6 and cfg.train.lr_warmup_steps == 500 and cfg.train.use_ema
-    assert cfg.data.max_train_episodes == 90 and cfg.data.val_ratio == 0.02 and cfg.data.split_seed == 42
+    assert (
+        cfg.data.max_train_episodes == 90
+        and cfg.data.val_ratio == 0.02
+        and cfg.data.split_seed == 42
+    )
     p = cfg.policy
     assert (p.horizon, p.n_obs_steps, p.n_action_steps) == (16, 2, 8)
-    assert p.unet.down_dims == [256, 512, 1024] and p.unet.kernel_size == 5 and p.unet.diffusion_step_embed_dim == 256
+    assert (
+        p.unet.down_dims == [256, 512, 1024]
+        and p.unet.kernel_size == 5
+        and p.unet.diffusion_step_embed_dim == 256
+    )
     assert p.noise.num_train_timesteps == 100 and p.noise.beta_schedule == "squaredcos_cap_v2"
 
 
 def test_overrides_are_typed():
-    cfg = load_config("smoke", ["train.batch_size=7", "policy.unet.down_dims=[8,16]", "eval.vector=async"])
-    assert cfg.train.batch_size == 7 and cfg.policy.unet.down_dims == [8, 16] and cfg.eval.vector == "async"
+    cfg = load_config(
+        "smoke", ["train.batch_size=7", "policy.unet.down_dims=[8,16]", "eval.vector=async"]
+    )
+    assert (
+        cfg.train.batch_size == 7
+        and cfg.policy.unet.down_dims == [8, 16]
+        and cfg.eval.vector == "async"
+    )
 
 
 @pytest.mark.parametrize(
@@ -79,6 +99,11 @@ def test_inherit_chain(tmp_path):
 
 def test_resume_overrides_only_safe_keys():
     cfg = load_config("smoke")
-    assert apply_resume_overrides(cfg, ["train.stop_at_step=9", "eval.n_episodes=3"]).train.stop_at_step == 9
+    assert (
+        apply_resume_overrides(
+            cfg, ["train.stop_at_step=9", "eval.n_episodes=3"]
+        ).train.stop_at_step
+        == 9
+    )
     with pytest.raises(ConfigError, match="train.lr"):
         apply_resume_overrides(cfg, ["train.lr=1.0"])

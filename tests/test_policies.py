@@ -21,7 +21,9 @@ def _make(name: str):
     torch.manual_seed(0)
     policy = pol_cls(pcfg, SHAPE_META)
     rng = np.random.default_rng(0)
-    policy.fit_normalizer({"keypoints": rng.uniform(0, 512, (500, 20)), "action": rng.uniform(0, 512, (500, 2))})
+    policy.fit_normalizer(
+        {"keypoints": rng.uniform(0, 512, (500, 20)), "action": rng.uniform(0, 512, (500, 2))}
+    )
     return policy, pcfg
 
 
@@ -71,7 +73,9 @@ def test_predict_shapes_and_determinism(name):
     assert out1["action_pred"].shape[0] == 3 and out1["action_pred"].shape[-1] == 2
     assert torch.equal(out1["action"], out2["action"])
     # numpy input works the same as torch input (the env and the server hand numpy)
-    out3 = policy.predict_action_chunk({k: v.numpy() for k, v in obs.items()}, generator=torch.Generator().manual_seed(7))
+    out3 = policy.predict_action_chunk(
+        {k: v.numpy() for k, v in obs.items()}, generator=torch.Generator().manual_seed(7)
+    )
     assert torch.equal(out1["action"], out3["action"])
 
 
@@ -116,7 +120,9 @@ def test_checkpoint_of_another_config_is_refused(name, tmp_path):
     cfg = Config(preset="test", policy=pcfg)
     save_checkpoint(tmp_path / "ckpt", cfg, SHAPE_META, policy)
     other = ShapeMeta(obs={"keypoints": ObsSpec((18,), "float32", "low_dim")}, action_dim=2)
-    save_checkpoint(tmp_path / "other", cfg, other, policy)  # weights of a 20-d policy, meta says 18-d
+    save_checkpoint(
+        tmp_path / "other", cfg, other, policy
+    )  # weights of a 20-d policy, meta says 18-d
     with pytest.raises(CheckpointError, match="does not match"):
         load_policy(tmp_path / "other")
     (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"garbage")

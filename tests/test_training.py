@@ -18,7 +18,7 @@ from diffusion_policy.errors import CheckpointError
 
 pytestmark = pytest.mark.real_data
 
-BASE = ["train.progress=false", "wandb.mode=disabled", "eval.n_videos=0"]
+BASE = ["train.progress=false", "wandb.mode=disabled", "eval.n_videos=0", "train.final_eval=false"]
 
 
 def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -26,7 +26,14 @@ def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def test_train_resume_is_bit_for_bit_and_eval_runs(pusht_zarr, tmp_path, capsys):
-    common = ["smoke", f"task.dataset={pusht_zarr}", *BASE, "train.max_steps=6", "train.eval_every=0", "train.val_every=3"]
+    common = [
+        "smoke",
+        f"task.dataset={pusht_zarr}",
+        *BASE,
+        "train.max_steps=6",
+        "train.eval_every=0",
+        "train.val_every=3",
+    ]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert main(["train", *common, f"run_dir={straight}"]) == 0
     # the same run, stopped at step 3 and resumed
@@ -49,7 +56,24 @@ def test_train_resume_is_bit_for_bit_and_eval_runs(pusht_zarr, tmp_path, capsys)
 
     # eval from the checkpoint alone, through the CLI
     out = tmp_path / "eval"
-    assert main(["eval", str(straight), "--episodes", "2", "--max-steps", "10", "--sync", "--videos", "1", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(straight),
+                "--episodes",
+                "2",
+                "--max-steps",
+                "10",
+                "--sync",
+                "--videos",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     m = json.loads((out / "metrics.json").read_text())
     assert m["n_episodes"] == 2 and set(m["per_seed"]) == {"100000", "100001"}
     assert 0.0 <= m["mean_score"] <= 1.0 and len(m["mean_score_ci95"]) == 2
@@ -59,7 +83,20 @@ def test_train_resume_is_bit_for_bit_and_eval_runs(pusht_zarr, tmp_path, capsys)
 
 def test_resume_refuses_schedule_changes(pusht_zarr, tmp_path, capsys):
     run = tmp_path / "r"
-    assert main(["train", "smoke", f"task.dataset={pusht_zarr}", *BASE, "train.max_steps=2", "train.eval_every=0", f"run_dir={run}"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "smoke",
+                f"task.dataset={pusht_zarr}",
+                *BASE,
+                "train.max_steps=2",
+                "train.eval_every=0",
+                f"run_dir={run}",
+            ]
+        )
+        == 0
+    )
     assert main(["train", "--resume", str(run), "train.lr=0.1"]) == 2
     assert "cannot override ['train.lr']" in capsys.readouterr().err
 
@@ -78,7 +115,20 @@ def test_interrupted_checkpoint_write_keeps_latest(pusht_zarr, tmp_path, monkeyp
     from diffusion_policy import checkpoint as ck
 
     run = tmp_path / "r"
-    assert main(["train", "smoke", f"task.dataset={pusht_zarr}", *BASE, "train.max_steps=2", "train.eval_every=0", f"run_dir={run}"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "smoke",
+                f"task.dataset={pusht_zarr}",
+                *BASE,
+                "train.max_steps=2",
+                "train.eval_every=0",
+                f"run_dir={run}",
+            ]
+        )
+        == 0
+    )
     latest = (run / "checkpoints" / "latest").resolve()
     policy, cfg, meta = ck.load_policy(run)
 
@@ -105,7 +155,15 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_ddp_two_ranks_match_one_rank_with_double_batch(pusht_zarr, tmp_path):
     """One step of 2 gloo ranks x batch B equals one step of 1 rank x batch 2B."""
-    common = ["smoke", f"task.dataset={pusht_zarr}", *BASE, "train.max_steps=1", "train.eval_every=0", "train.val_every=0", "train.device=cpu"]
+    common = [
+        "smoke",
+        f"task.dataset={pusht_zarr}",
+        *BASE,
+        "train.max_steps=1",
+        "train.eval_every=0",
+        "train.val_every=0",
+        "train.device=cpu",
+    ]
     one = tmp_path / "one"
     assert main(["train", *common, "train.batch_size=16", f"run_dir={one}"]) == 0
     two = tmp_path / "two"

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from diffusion_policy.data import expert, record
 from diffusion_policy.errors import DataError
 
 
@@ -96,6 +97,8 @@ _SUBCOMMANDS: dict[str, Command] = {
         _cmd_validate,
     ),
     "fetch": ("download and verify a published dataset into datasets/", _args_fetch, _cmd_fetch),
+    "generate": ("demos from the scripted expert (offline data)", expert.add_arguments, expert.run),
+    "record": ("teleoperate with the mouse and append episodes", record.add_arguments, record.run),
 }
 
 

@@ -9,13 +9,15 @@ How the expert decides (privileged state: agent position and velocity, block pos
   1. Sample candidate pushes: a contact point on the T's outline, a push direction (inward normal,
      jittered), a length and a speed. Candidates whose start pose overlaps the block are dropped.
   2. Simulate every candidate in a private planning copy of the env (same pymunk space and PD
-     tracker; the block pose is copied in, the agent starts at rest at the pre-contact point) and score
-     it by the decrease rate of the keypoint error to the goal pose: log(cost before / cost after)
+     tracker; the block pose is copied in, the agent starts at rest at the pre-contact point) and
+     score it by the decrease rate of the keypoint error to the goal pose: log(cost before / cost after)
      divided by the steps it takes, transit around the block included. A candidate that passes
      through success (coverage > 0.95) wins outright.
   3. Execute the winner: a collision-free path around the block (grid Dijkstra on the block dilated by
      the agent radius + a margin, then string-pulled), an approach along the contact normal, the push,
-     and a short hold. Replan when the plan is done or the block moved while it should not have.
+     and a short hold. During the push, every step re-simulates the rest of it from the true state
+     (agent velocity included) and stops early when stopping ends better. Replan when the plan is
+     done, or when the block moved during the transit (an accidental bump).
 
 Stored episodes follow the human set's layout (PUSHT_SPEC.md §2.2): each step stores the observation
 BEFORE the action with that action; `img` is uint8 (the human set stores float32 0..255; our loader
@@ -65,7 +67,7 @@ _N_CELLS = int(WINDOW // _GRID)
 class ExpertConfig:
     """Knobs of the scripted expert. Speeds are px per 10 Hz env step (human demos: median 8, p90 21)."""
 
-    n_candidates: int = 64  # pushes simulated per decision
+    n_candidates: int = 128  # pushes simulated per decision
     n_candidates_fine: int = 128  # ... once the keypoint error is small (fine alignment)
     fine_rms: float = 12.0  # px of keypoint RMS error below which pushes are short and many
     transit_speed: float = 20.0  # max target speed going around the block
@@ -74,11 +76,20 @@ class ExpertConfig:
     contact_gap: float = 3.0  # px between the agent disc and the block at the pre-contact point
     approach: float = 12.0  # px of straight approach along the contact normal before the push
     clearance: float = 12.0  # px kept between disc and block while going around it
-    hold_steps: int = (
-        2  # steps the target rests at the end of a push (lets the lagging agent arrive)
-    )
+    hold_steps: int = 2  # steps the target rests after a push (the lagging agent catches up)
     max_push: float = 120.0  # px, longest push
     min_push: float = 3.0  # px, shortest push
+
+    def __post_init__(self) -> None:
+        bad = [
+            f"{k}={v!r}"
+            for k, v in vars(self).items()
+            if not (v >= 0 if k in ("hold_steps", "contact_gap", "clearance") else v > 0)
+        ]
+        if self.min_push > self.max_push:
+            bad.append(f"min_push={self.min_push!r} > max_push={self.max_push!r}")
+        if bad:
+            raise UserError(f"ExpertConfig: bad value(s) {', '.join(bad)}")
 
 
 # ---------------------------------------------------------------------------------------------- geometry
@@ -152,10 +163,9 @@ class _Scorer:
         )
 
     def success(self, pose: np.ndarray, cost: float | None = None) -> bool:
+        """coverage > 0.95; shapely is slow, so only poses within 4 px RMS of the goal are checked."""
         cost = self.cost(pose) if cost is None else cost
-        return (
-            cost < 16.0 and self.coverage(pose) > self.threshold
-        )  # 16 px^2 gate: coverage is costly
+        return cost < 16.0 and self.coverage(pose) > self.threshold
 
 
 class _PlanningSim:
@@ -306,9 +316,7 @@ def _profile(
     out, s, v = [], 0.0, v0
     while s < total - 1e-6:
         remaining = total - s
-        v_brake = math.sqrt(
-            v_end**2 + 2.0 * accel * remaining
-        )  # fastest speed that can still slow down
+        v_brake = math.sqrt(v_end**2 + 2.0 * accel * remaining)  # can still slow down in time
         v = min(v + accel, v_max, max(v_brake, v_end, 1.0))
         s = min(total, s + v)
         k = min(int(np.searchsorted(cum, s, side="right")) - 1, len(seg) - 1)
@@ -332,6 +340,7 @@ class _Plan:
     targets: deque = field(default_factory=deque)
     transit_steps: int = 0  # the first targets that must not move the block
     expected_pose: np.ndarray | None = None
+    pushing: bool = False  # the push may still be cut short (checked each step from the true state)
 
 
 class PushTExpert:
@@ -368,8 +377,11 @@ class PushTExpert:
             and plan.expected_pose is not None
             and np.abs(block_pose - plan.expected_pose).max() > 0.5
         )
+        agent_vel = np.asarray(agent_vel, dtype=np.float64)
         if not plan.targets or bumped:
-            self.plan = plan = self._decide(agent_pos, np.asarray(agent_vel, float), block_pose)
+            self.plan = plan = self._decide(agent_pos, agent_vel, block_pose)
+        elif plan.pushing and plan.transit_steps == 0:
+            self._check_push(agent_pos, agent_vel, block_pose)
         target = plan.targets.popleft()
         if plan.transit_steps > 0:
             plan.transit_steps -= 1
@@ -392,7 +404,12 @@ class PushTExpert:
             transit = field_.length_to(approach_pt)
             if not math.isfinite(transit):
                 continue
-            cost_after, success, steps = self._rollout(push, pose)
+            m = max(1, math.ceil(push.length / push.speed))
+            targets = [
+                push.c0 + push.u * min(push.length, push.speed * (k + 1))
+                for k in range(m + cfg.hold_steps)
+            ]
+            cost_after, success, steps = self._simulate(push.c0, np.zeros(2), pose, targets)
             steps += transit / cfg.transit_speed + 2.0 + cfg.approach / push.speed
             if success:
                 score = 1e6 - steps
@@ -429,19 +446,37 @@ class PushTExpert:
             pushes.append(_Push(c0, n_world, u, float(d), speed))
         return pushes
 
-    def _rollout(self, push: _Push, pose: np.ndarray) -> tuple[float, bool, int]:
-        """Simulate one push from rest at its pre-contact point: (final cost, success, steps)."""
+    def _simulate(
+        self, agent_pos: np.ndarray, agent_vel: np.ndarray, pose: np.ndarray, targets: list
+    ) -> tuple[float, bool, int]:
+        """Play `targets` in the planning sim from a full state: (final cost, success, steps)."""
         sim, scorer = self.sim, self.scorer
-        sim.set_state(push.c0, np.zeros(2), pose)
-        m = max(1, math.ceil(push.length / push.speed))
+        sim.set_state(agent_pos, agent_vel, pose)
         cost = scorer.cost(pose)
-        for k in range(m + self.cfg.hold_steps):
-            sim.step(push.c0 + push.u * min(push.length, push.speed * (k + 1)))
+        for k, target in enumerate(targets):
+            sim.step(target)
             p = sim.block_pose()
             cost = scorer.cost(p)
-            if cost < 16.0 and scorer.success(p, cost):
+            if scorer.success(p, cost):
                 return cost, True, k + 1
-        return cost, False, m + self.cfg.hold_steps
+        return cost, False, len(targets)
+
+    def _check_push(self, agent_pos: np.ndarray, agent_vel: np.ndarray, pose: np.ndarray) -> None:
+        """Closed loop during a push: stop here when that ends better than finishing the push.
+
+        The push was chosen from a rollout that starts at rest at the contact point; the real agent
+        arrives moving, so a push that grazed success in planning can overshoot in execution.
+        Re-simulating from the true state (agent velocity included) each step catches that.
+        """
+        plan = self.plan
+        cont_cost, cont_ok, _ = self._simulate(agent_pos, agent_vel, pose, list(plan.targets))
+        if cont_ok:
+            return
+        stop = [self.last_target.copy() for _ in range(self.cfg.hold_steps)]
+        stop_cost, stop_ok, _ = self._simulate(agent_pos, agent_vel, pose, stop)
+        if stop_ok or stop_cost < cont_cost:
+            plan.targets = deque(stop)
+            plan.pushing = False
 
     def _execute(self, push: _Push, field_: _DistanceField) -> _Plan:
         cfg = self.cfg
@@ -452,7 +487,7 @@ class PushTExpert:
         pushing = _profile([approach_pt, push.c0, end], push.speed, push.speed, 1.0, cfg.accel)
         hold = [end.copy() for _ in range(cfg.hold_steps)]
         targets = [np.clip(t, 0.0, WINDOW) for t in transit + pushing + hold]
-        return _Plan(targets=deque(targets), transit_steps=len(transit))
+        return _Plan(targets=deque(targets), transit_steps=len(transit), pushing=True)
 
 
 # ---------------------------------------------------------------------------------------------- episodes
@@ -534,9 +569,9 @@ def run_episode(
     )
 
 
-def _run_seed(args: tuple[int, ExpertConfig | None, bool]) -> EpisodeResult:
-    seed, config, record = args
-    return run_episode(seed, config, record)
+def _run_seed(args: tuple[int, ExpertConfig | None, bool, int]) -> EpisodeResult:
+    seed, config, record, max_steps = args
+    return run_episode(seed, config, record, max_steps)
 
 
 @dataclass
@@ -563,10 +598,11 @@ def generate(
     keep_failures: bool = False,
     config: ExpertConfig | None = None,
     verbose: bool = True,
+    max_steps: int = MAX_STEPS,
 ) -> GenerateSummary:
     """Run the expert on seeds seed_start .. seed_start + n_episodes - 1 and write a new store at `out`.
 
-    Episodes end on success (coverage > 0.95) or after 300 steps; failures are left out unless
+    Episodes end on success (coverage > 0.95) or after `max_steps`; failures are left out unless
     `keep_failures`. With `out=None` nothing is recorded (scoring only). Workers are spawned
     processes; every episode's randomness comes from its seed, so the result does not depend on them.
     """
@@ -582,7 +618,7 @@ def generate(
         raise DataError(f"{out}: already exists; pick a new --out path or remove it first")
     t0 = time.perf_counter()
     seeds = range(seed_start, seed_start + n_episodes)
-    jobs = [(s, config, out is not None) for s in seeds]
+    jobs = [(s, config, out is not None, max_steps) for s in seeds]
     buf = None
     results: list[EpisodeResult] = []
     n_kept = n_steps_kept = 0

@@ -154,7 +154,8 @@ def crop_offsets(
     if not random:
         return torch.tensor([(hh - ch) // 2, (ww - cw) // 2], device=device).expand(n, 2)
     hi = torch.tensor([max(hh - ch, 1), max(ww - cw, 1)])
-    offsets = (torch.rand(n, 2, generator=generator) * hi).long()
+    src = generator.device if generator is not None else torch.device("cpu")
+    offsets = (torch.rand(n, 2, generator=generator, device=src) * hi.to(src)).long()
     return offsets.to(device, non_blocking=True)
 
 
@@ -220,7 +221,8 @@ def check_image_obs(
     if not any_size and tuple(x.shape[2:4]) != (h, w):
         raise ObservationError(
             f"{got}: the policy was trained on {h}x{w} images and does not crop others; resize "
-            "them, or train with policy.encoder.resize_shape set so the encoder resizes"
+            f"them to {h}x{w}, or set policy.encoder.resize_shape: [{h}, {w}] (in the checkpoint's "
+            "config.yaml for a trained policy) to let the encoder resize any input"
         )
 
 

@@ -10,6 +10,7 @@ not import torch. Pair it with `diffusion_policy.chunking.RealtimeController` fo
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import time
 from collections.abc import Mapping
@@ -21,6 +22,11 @@ from websockets.frames import CloseCode
 from websockets.sync.client import ClientConnection, connect
 
 from diffusion_policy.serving.protocol import packb, unpackb
+
+# websockets >= 15 would route through an HTTP(S)_PROXY from the environment, and >= 17.1 wants
+# `legacy=True` for a connection held outside a `with` block; older versions know neither keyword.
+_CONNECT_PARAMS = inspect.signature(connect).parameters
+_CONNECT_COMPAT = {k: v for k, v in (("proxy", None), ("legacy", True)) if k in _CONNECT_PARAMS}
 
 
 class ClientError(RuntimeError):
@@ -91,6 +97,7 @@ class PolicyClient:
                     max_size=self.max_reply_bytes,
                     open_timeout=max(0.1, min(self.timeout, left)),
                     close_timeout=1.0,
+                    **_CONNECT_COMPAT,
                 )
             except InvalidStatus as e:
                 status = e.response.status_code
@@ -168,9 +175,9 @@ class PolicyClient:
                 raise InferenceTimeout(
                     f"no reply from {self.url} within {self.timeout} s"
                 ) from None
-            except ConnectionClosed as e:
+            except (ConnectionClosed, OSError) as e:
                 self._drop()
-                rcvd = e.rcvd
+                rcvd = getattr(e, "rcvd", None)
                 if rcvd is not None and rcvd.code == CloseCode.MESSAGE_TOO_BIG:
                     raise MessageTooBig(
                         f"request of {len(data)} bytes refused by {self.url}: {rcvd.reason}"

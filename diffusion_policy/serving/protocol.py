@@ -82,7 +82,12 @@ def _parse_dtype(raw: Any) -> np.dtype:
         dtype = np.dtype(raw)
     except TypeError:
         raise ProtocolError(f"unknown dtype {raw!r}") from None
-    _check_dtype(dtype)
+    try:
+        _check_dtype(dtype)
+    except ProtocolError:
+        raise ProtocolError(
+            f"dtype {raw!r} is not allowed (object, void and complex are refused)"
+        ) from None
     return dtype
 
 

@@ -178,7 +178,8 @@ def _check_values(key: str, x: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
         return x
     if x.dtype.kind not in "fiu":
         raise RequestError(f"obs[{key!r}] has dtype {x.dtype}, expected {spec['dtype']}")
-    x = x.astype(np.float32)
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes Inf, refused below
+        x = x.astype(np.float32)
     if not np.isfinite(x).all():
         raise RequestError(f"obs[{key!r}] contains NaN or Inf")
     return x
@@ -325,9 +326,13 @@ class MicroBatcher:
                 rows += p.request.rows
             if not batch:
                 continue
-            results = await loop.run_in_executor(
-                self.executor, self.engine.run, [p.request for p in batch]
-            )
+            try:
+                results = await loop.run_in_executor(
+                    self.executor, self.engine.run, [p.request for p in batch]
+                )
+            except Exception as e:  # the worker itself failed: answer, keep batching
+                log.exception("inference worker failed")
+                results = [RuntimeError(f"inference failed: {type(e).__name__}: {e}")] * len(batch)
             for p, res in zip(batch, results):
                 if p.future.done():
                     continue
@@ -379,9 +384,9 @@ class PolicyServer:
     # -- one connection -------------------------------------------------------------------------
     async def _handle(self, ws: ServerConnection) -> None:
         assert self._batcher is not None
-        await ws.send(self._metadata_frame)
         self._batcher.n_connections += 1
         try:
+            await ws.send(self._metadata_frame)
             async for message in ws:
                 reply = await self._answer(message, lambda: ws.state is State.OPEN)
                 await ws.send(reply)
@@ -582,6 +587,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.max_message_bytes,
         help="largest request accepted (closes with 1009 above)",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (0: torch default; 1 avoids stalls when other processes share the cores)",
+    )
     parser.add_argument("--no-warmup", action="store_true", help="skip the warmup forward pass")
     parser.add_argument(
         "--seed", type=int, default=d.seed, help="noise seed for requests that carry none"
@@ -597,6 +608,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--max-message-bytes={args.max_message_bytes}: must be >= 1024")
     if args.token is not None and not args.token.strip():
         raise UserError("--token is empty")
+    if args.threads < 0:
+        raise UserError(f"--threads={args.threads}: must be >= 0")
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port={args.port}: must be in 0..65535")
 
@@ -615,6 +628,8 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     _check_args(args)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     policy, cfg, meta = load_policy(args.checkpoint, device=args.device)
     if hasattr(policy, "set_sampler") and (args.sampler or args.inference_steps):
         policy.set_sampler(args.sampler, args.inference_steps)
