@@ -71,7 +71,12 @@ class LinearNormalizer(nn.Module):
                 raise NormalizerError(
                     f"cannot fit {key!r}: not declared (known: {sorted(self.dims)})"
                 )
-            x = torch.as_tensor(np.asarray(value), dtype=torch.float64).reshape(-1, self.dims[key])
+            x = (
+                value.detach().cpu()
+                if isinstance(value, torch.Tensor)
+                else torch.from_numpy(np.asarray(value))
+            )
+            x = x.to(torch.float64).reshape(-1, self.dims[key])
             if x.shape[0] == 0 or not torch.isfinite(x).all():
                 raise ValueError(f"cannot fit normaliser key {key!r}: empty or non-finite data")
             xmin, xmax = x.min(0).values, x.max(0).values

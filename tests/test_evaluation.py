@@ -1,0 +1,132 @@
+"""Evaluation metrics, chunked execution, and env workers that crash or hang."""
+
+from __future__ import annotations
+
+import os
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import envs  # noqa: F401
+from diffusion_policy.chunking import ObsHistory
+from diffusion_policy.config import EvalConfig, TaskConfig
+from diffusion_policy.evaluation import EvalError, evaluate, summarize
+from envs.pusht import PushTEnv
+
+
+class HoldStill:
+    """Targets the agent's own position: nothing moves, so coverage stays at its initial value."""
+
+    n_obs_steps = 2
+
+    def __call__(self, obs):
+        return np.repeat(obs["keypoints"][:, -1:, 18:20], 8, axis=1)
+
+
+class CrashingEnv(PushTEnv):
+    def __init__(self, mode: str = "raise", **kw):
+        super().__init__(**kw)
+        self.mode, self.n = mode, 0
+
+    def step(self, action):
+        self.n += 1
+        if self.n == 3:
+            if self.mode == "raise":
+                raise RuntimeError("simulated physics failure")
+            os._exit(1)  # the worker process dies without a word
+        return super().step(action)
+
+
+gym.register("CrashingPushT-v0", entry_point=CrashingEnv, max_episode_steps=300)
+
+
+def test_hold_still_scores_its_initial_coverage():
+    task = TaskConfig(obs_type="keypoints")
+    m = evaluate(
+        HoldStill(),
+        task,
+        EvalConfig(n_episodes=3, max_steps=12, vector="sync", n_videos=0),
+        progress=False,
+    )
+    assert m["n_episodes"] == 3 and set(m["per_seed"]) == {"100000", "100001", "100002"}
+    for seed, r in m["per_seed"].items():
+        env = gym.make("PushT-v0", obs_type="keypoints")
+        _, info = env.reset(seed=int(seed))
+        assert r["steps"] == 12
+        assert r["final_coverage"] == pytest.approx(info["coverage"], abs=0.02)
+        assert r["max_reward"] == pytest.approx(min(1.0, info["coverage"] / 0.95), abs=0.02)
+    lo, hi = m["mean_score_ci95"]
+    assert 0.0 <= lo <= m["mean_score"] <= hi <= 1.0
+
+
+def test_waves_give_the_same_result_as_one_batch():
+    task = TaskConfig(obs_type="keypoints")
+    one = evaluate(
+        HoldStill(),
+        task,
+        EvalConfig(n_episodes=4, max_steps=8, vector="sync", n_videos=0),
+        progress=False,
+    )
+    waves = evaluate(
+        HoldStill(),
+        task,
+        EvalConfig(n_episodes=4, max_steps=8, vector="sync", n_envs=3, n_videos=0),
+        progress=False,
+    )
+    assert one["per_seed"] == waves["per_seed"]
+
+
+def test_summary_statistics():
+    m = summarize(
+        [1, 2, 3, 4],
+        np.array([1.0, 0.5, 0.0, 1.0]),
+        np.array([True, False, False, True]),
+        np.array([0.96, 0.4, 0.0, 0.97]),
+        np.array([50, 300, 300, 80]),
+    )
+    assert m["mean_score"] == 0.625 and m["success_rate"] == 0.5
+    lo, hi = m["success_rate_ci95"]
+    assert 0.0 < lo < 0.5 < hi < 1.0
+
+
+@pytest.mark.filterwarnings(
+    "ignore::pytest.PytestUnraisableExceptionWarning"
+)  # the dead worker's pipe
+@pytest.mark.parametrize("mode", ["raise", "die"])
+def test_crashed_env_worker_is_reported_not_waited_on(mode):
+    task = TaskConfig(env_id="CrashingPushT-v0", obs_type="keypoints")
+    cfg = EvalConfig(n_episodes=2, max_steps=20, vector="async", n_videos=0, worker_timeout_s=20)
+    import diffusion_policy.evaluation as ev
+
+    orig = ev.make_env
+
+    def make(env_id, obs_type, max_steps, video_size):
+        return ev.VideoRecorder(
+            gym.make(
+                env_id,
+                obs_type=obs_type,
+                mode=mode,
+                render_mode="rgb_array",
+                max_episode_steps=max_steps,
+            )
+        )
+
+    ev.make_env = make
+    try:
+        with pytest.raises(EvalError, match="env worker"):
+            evaluate(HoldStill(), task, cfg, progress=False)
+    finally:
+        ev.make_env = orig
+
+
+def test_obs_history_pads_with_the_first_frame():
+    h = ObsHistory(3, time_axis=1)
+    h.reset({"x": np.array([[1.0], [2.0]])})
+    assert h.stacked()["x"].shape == (2, 3, 1)
+    assert (h.stacked()["x"][:, :, 0] == [[1, 1, 1], [2, 2, 2]]).all()
+    h.push({"x": np.array([[5.0], [6.0]])})
+    assert (h.stacked()["x"][:, :, 0] == [[1, 1, 5], [2, 2, 6]]).all()
+    for v in (7.0, 8.0):
+        h.push({"x": np.array([[v], [v]])})
+    assert (h.stacked()["x"][0, :, 0] == [5, 7, 8]).all()
