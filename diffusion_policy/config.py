@@ -83,6 +83,7 @@ class TrainConfig:
         None  # stop (and checkpoint) here without changing the schedule; resume continues
     )
     grad_clip_norm: float | None = None
+    amp: bool = False  # bf16 autocast of the training forward pass; weights and optimiser stay fp32
     use_ema: bool = True
     ema_power: float = 0.75
     ema_max_decay: float = 0.9999

@@ -313,7 +313,8 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
             batch = train_ds.get_batch(idx)
             batch = {k: _to(v, device) for k, v in batch.items()}
             batch.update(_training_noise(policy, global_batch, step, cfg.train.seed, d, device))
-            loss = model(batch)
+            with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=cfg.train.amp):
+                loss = model(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.train.grad_clip_norm:

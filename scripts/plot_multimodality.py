@@ -71,15 +71,20 @@ def classify(task: BimodalTask, actions: np.ndarray) -> np.ndarray:
 
 def plot(task: BimodalTask, samples: list[tuple[str, np.ndarray]], out: Path) -> None:
     fig, axes = plt.subplots(
-        2, len(samples), figsize=(3.6 * len(samples), 6.4), height_ratios=[3, 1.4], squeeze=False
+        2,
+        len(samples),
+        figsize=(3.6 * len(samples), 6.2),
+        height_ratios=[3, 1.4],
+        squeeze=False,
+        layout="constrained",
     )
     for col, (name, actions) in enumerate(samples):
         top, bottom = axes[0, col], axes[1, col]
         labels = classify(task, actions)
         top.add_patch(plt.Circle((0, 0), 0.45, color="0.85", zorder=0))
         top.text(0, 0, "obstacle", ha="center", va="center", fontsize=8, color="0.4")
-        for path in task.mode_paths():
-            top.plot(*path.T, color="k", lw=1, ls="--", zorder=1)
+        for i, path in enumerate(task.mode_paths()):
+            top.plot(*path.T, color="k", lw=1, ls="--", zorder=3, label="mode paths" if i else None)
         for chunk, label in zip(actions, labels):
             top.plot(*chunk.T, color=COLORS[label], alpha=0.15, lw=1, marker=".", ms=2)
         fr = task.mode_fractions(actions)
@@ -93,14 +98,15 @@ def plot(task: BimodalTask, samples: list[tuple[str, np.ndarray]], out: Path) ->
         top.set_xlabel("action x")
         bottom.hist(task.side_score(actions), bins=np.linspace(-1.5, 1.5, 61), color="0.3")
         bottom.set_xlabel("side score (-1 left mode, +1 right mode)")
-        bottom.set_yticks([])
     axes[0, 0].set_ylabel("action y")
+    axes[0, 0].legend(loc="lower center", fontsize=7, frameon=False)
+    axes[1, 0].set_ylabel("chunks")
     fig.suptitle(
-        f"Bimodal toy task: one observation, two equally likely action chunks (T={task.horizon}); "
-        f"{len(samples[0][1])} samples per panel",
+        f"Bimodal toy task: one observation, two equally likely action chunks (T={task.horizon}, 2-d)\n"
+        f"{len(samples[0][1])} chunks per panel, coloured by the mode they lie within "
+        f"RMS {task.mode_radius} of (red: neither)",
         fontsize=10,
     )
-    fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)

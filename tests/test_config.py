@@ -66,6 +66,7 @@ def test_overrides_are_typed():
         (["policy.horizon=10", "policy.unet.down_dims=[8,16,32]"], "divisible"),
         (["policy.n_action_steps=16"], "exceeds horizon"),
         (["eval.vector=threads"], "eval.vector"),
+        (["policy.unet.down_dims=[12,32]"], "not divisible by n_groups"),
         (["wandb.mode=sometimes"], "wandb.mode"),
     ],
 )

@@ -218,3 +218,14 @@ def test_cli_info(store: Path, capsys):
 def test_validate_ok_cli(store: Path, capsys):
     assert main(["data", "validate", str(store)]) == 0
     assert capsys.readouterr().out.strip().endswith("OK")
+
+
+def test_appending_all_zero_chunks_keeps_the_store_valid(tmp_path):
+    """Reopened for appending, arrays still write every chunk file (zarr skips all-zero ones by default)."""
+    from diffusion_policy.data.replay_buffer import ReplayBuffer, validate
+
+    p = tmp_path / "zeros.zarr"
+    ReplayBuffer.create(p).add_episode({"a": np.zeros((3, 2), np.float32)})
+    ReplayBuffer.open(p, "a").add_episode({"a": np.zeros((2, 2), np.float32)})
+    assert validate(p) == []
+    assert ReplayBuffer.load(p).n_steps == 5

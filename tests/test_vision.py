@@ -38,6 +38,17 @@ TINY = [  # a small image policy for fast tests: 16-wide ResNet, tiny UNet, 4 DD
 ]
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread for these conv-heavy tests: on a shared 2-core machine with other jobs
+    running, 2 OpenMP threads made a tiny conv1d 90 ms instead of 0.3 ms (threads spin-wait for a
+    descheduled peer), and this module took minutes instead of seconds."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def n_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
@@ -154,8 +165,14 @@ def test_crop_images_matches_slicing():
     x = coordinate_images(5)
     offsets = torch.tensor([[0, 0], [11, 11], [3, 7], [6, 6], [12, 0]])
     out = crop_images(x, offsets, (84, 84))
+    assert out.shape == (5, 3, 84, 84)  # channels first
     for k, (r, c) in enumerate(offsets.tolist()):
-        assert torch.equal(out[k], x[k, r : r + 84, c : c + 84])
+        assert torch.equal(out[k], x[k, r : r + 84, c : c + 84].permute(2, 0, 1))
+
+
+def _offsets(crops: torch.Tensor) -> torch.Tensor:
+    """(N, 3, h, w) crops of coordinate_images -> their (row, col) offsets (N, 2)."""
+    return crops[:, :2, 0, 0].long()
 
 
 def test_random_crops_in_train_center_crop_in_eval():
@@ -164,16 +181,14 @@ def test_random_crops_in_train_center_crop_in_eval():
     crop.train()
     a, b = crop(x), crop(x)
     for out in (a, b):
-        rows, cols = out[:, 0, 0, 0].long(), out[:, 0, 0, 1].long()
-        assert rows.min() >= 0 and rows.max() <= 11 and cols.min() >= 0 and cols.max() <= 11
-        for k in range(64):  # every crop is a true crop of its own image
-            assert torch.equal(out[k], x[k, rows[k] : rows[k] + 84, cols[k] : cols[k] + 84])
-    off_a = a[:, 0, 0, :2].long()
-    off_b = b[:, 0, 0, :2].long()
-    assert len({tuple(o) for o in off_a.tolist()}) > 10  # samples differ
-    assert not torch.equal(off_a, off_b)  # calls differ
+        off = _offsets(out)
+        assert off.min() >= 0 and off.max() <= 11  # robomimic's range [0, 96 - 84)
+        for k, (r, c) in enumerate(off.tolist()):  # every crop is a true crop of its own image
+            assert torch.equal(out[k], x[k, r : r + 84, c : c + 84].permute(2, 0, 1))
+    assert len({tuple(o) for o in _offsets(a).tolist()}) > 10  # samples differ
+    assert not torch.equal(_offsets(a), _offsets(b))  # calls differ
     crop.eval()
-    assert torch.equal(crop(x), x[:, 6:90, 6:90])
+    assert torch.equal(crop(x), x[:, 6:90, 6:90].permute(0, 3, 1, 2))
 
 
 def test_encoder_crops_each_sample_and_step_independently():
@@ -181,14 +196,14 @@ def test_encoder_crops_each_sample_and_step_independently():
     frames = coordinate_images(1).expand(8, 2, 96, 96, 3)  # one image at every (B, To)
     enc.train()
     seen = []
-    enc.crop.register_forward_hook(lambda m, i, o: seen.append(o[:, 0, 0, :2].long()))
+    enc.crop.register_forward_hook(lambda m, i, o: seen.append(_offsets(o)))
     y_train = enc(frames)
-    offsets = seen[-1]  # (B * To, 2) of identical frames
-    assert len({tuple(o) for o in offsets.tolist()}) > 4
+    assert len({tuple(o) for o in seen[-1].tolist()}) > 4  # (B * To) identical frames, cut apart
     enc.eval()
     with torch.no_grad():
         e1, e2 = enc(frames), enc(frames)
-    assert torch.equal(e1, e2) and torch.equal(e1[0, 0], e1[5, 1])  # center crop: same features
+    assert torch.equal(seen[-1], torch.full((16, 2), 6))  # the center crop in eval
+    assert torch.equal(e1, e2) and torch.equal(e1[0, 0], e1[5, 1])
     assert not torch.allclose(y_train[:, 0], y_train[:, 1])
 
 

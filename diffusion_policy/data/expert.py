@@ -633,6 +633,7 @@ def generate(
             buf.add_episode(res.data)
             n_kept += 1
             n_steps_kept += res.n_steps
+        res.data = None  # written (or left out): keep only the numbers, not ~4 MB of frames each
         if verbose:
             status = "success" if res.success else "failure"
             print(

@@ -17,8 +17,8 @@ Why GroupNorm: the paper replaces every BatchNorm by GroupNorm(C/16, C) because 
 statistics do not survive the EMA of the weights.
 
 Why crops happen here, in batches: the dataset keeps frames as uint8 on the training device, so the
-crop is one `index_select` over all B * To frames built from per-frame offsets, done before the float
-conversion (4x less memory traffic) and on the GPU when training there. No per-sample Python.
+crop is one gather over all B * To frames from per-frame offsets, done before the float conversion
+(4x less memory traffic) and on the GPU when training there. No per-sample Python.
 """
 
 from __future__ import annotations
@@ -160,38 +160,43 @@ def crop_offsets(
 
 
 def crop_images(x: torch.Tensor, offsets: torch.Tensor, crop: tuple[int, int]) -> torch.Tensor:
-    """x (N, H, W, C) -> (N, h, w, C), image i cut at offsets[i] = (row, col); one gather for all.
+    """x (N, H, W, C) -> (N, C, h, w): image i cut at offsets[i] = (row, col), channels moved
+    first, in one gather for the whole batch (the result keeps x's channels-last memory order).
 
-    Each pixel is one row of x viewed as (N*H*W, C), so a single `index_select` copies every crop
-    (the fastest batched form measured on CPU; see docs/BENCHMARKS.md "Image policy").
+    x.unfold twice is a view of every possible window, (N, H-h+1, W-w+1, C, h, w); indexing it with
+    (image, row, col) copies just the chosen windows. Measured against other batched forms in
+    docs/BENCHMARKS.md "Image policy".
     """
-    n, hh, ww, c = x.shape
     ch, cw = crop
-    rows = offsets[:, 0, None] + torch.arange(ch, device=x.device)  # (N, h)
-    cols = offsets[:, 1, None] + torch.arange(cw, device=x.device)  # (N, w)
-    base = torch.arange(n, device=x.device)[:, None, None] * (hh * ww)
-    flat = (base + rows[:, :, None] * ww + cols[:, None, :]).reshape(-1)  # (N*h*w,)
-    return x.reshape(n * hh * ww, c).index_select(0, flat).reshape(n, ch, cw, c)
+    windows = x.unfold(1, ch, 1).unfold(2, cw, 1)  # no copy
+    n = torch.arange(x.shape[0], device=x.device)
+    return windows[n, offsets[:, 0], offsets[:, 1]]
+
+
+def center_crop(x: torch.Tensor, crop: tuple[int, int]) -> torch.Tensor:
+    """x (N, H, W, C) -> (N, C, h, w) view: the middle window, offsets ((H-h)//2, (W-w)//2)."""
+    (hh, ww), (ch, cw) = x.shape[1:3], crop
+    top, left = (hh - ch) // 2, (ww - cw) // 2
+    return x[:, top : top + ch, left : left + cw].permute(0, 3, 1, 2)
 
 
 class CropRandomizer(nn.Module):
-    """Random crop per image in train mode, the center crop in eval mode (the paper's eval_fixed_crop)."""
+    """Random crop per image in train mode, the center crop in eval mode (the paper's eval_fixed_crop).
+
+    (N, H, W, C) -> (N, C, h, w): the crop also moves channels first, since both need one copy.
+    """
 
     def __init__(self, crop_shape: tuple[int, int]):
         super().__init__()
         self.crop_shape = (int(crop_shape[0]), int(crop_shape[1]))
         self.generator: torch.Generator | None = None  # None: torch's default CPU generator
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, H, W, C) -> (N, h, w, C)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, hh, ww, _ = x.shape
-        ch, cw = self.crop_shape
-        if (hh, ww) == (ch, cw):
-            return x
-        if not self.training:  # a plain slice: no copy, no randomness
-            top, left = (hh - ch) // 2, (ww - cw) // 2
-            return x[:, top : top + ch, left : left + cw]
-        offsets = crop_offsets(n, (hh, ww), (ch, cw), True, x.device, self.generator)
-        return crop_images(x.contiguous(), offsets, (ch, cw))
+        if not self.training or (hh, ww) == self.crop_shape:
+            return center_crop(x, self.crop_shape)
+        offsets = crop_offsets(n, (hh, ww), self.crop_shape, True, x.device, self.generator)
+        return crop_images(x, offsets, self.crop_shape)
 
 
 # --- input checks --------------------------------------------------------------------------------
@@ -224,6 +229,11 @@ def check_image_obs(
             f"them to {h}x{w}, or set policy.encoder.resize_shape: [{h}, {w}] (in the checkpoint's "
             "config.yaml for a trained policy) to let the encoder resize any input"
         )
+
+
+def _unit_range(img: torch.Tensor) -> torch.Tensor:
+    """(N, C, h, w) 0..255 in any memory order -> contiguous float32 x / 255 * 2 - 1, in one copy."""
+    return img.to(torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1.0)
 
 
 # --- the encoder ---------------------------------------------------------------------------------
@@ -282,16 +292,14 @@ class ImageEncoder(nn.Module):
         check_image_obs(self.key, x, (to, *self.input_shape), self.resize_shape is not None)
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, H, W, 3) uint8 -> (N, 3, h, w) float in [-1, 1], resized and cropped."""
+        """(N, H, W, 3) uint8 -> (N, 3, h, w) float in [-1, 1] (x / 255 * 2 - 1), resized and cropped."""
         if self.resize_shape is not None and tuple(x.shape[1:3]) != self.resize_shape:
             img = x.permute(0, 3, 1, 2).float()
             img = F.interpolate(
                 img, self.resize_shape, mode="bilinear", antialias=True, align_corners=False
             )
-            img = self.crop(img.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # crop in float, HWC view
-            return (img / 127.5 - 1.0).contiguous()
-        img = self.crop(x)  # crop the uint8 frames: 4x fewer bytes than float
-        return (img.permute(0, 3, 1, 2).float() / 127.5 - 1.0).contiguous()  # x/255*2-1
+            return _unit_range(self.crop(img.permute(0, 2, 3, 1)))  # crop an HWC view
+        return _unit_range(self.crop(x))  # crop the uint8 frames: 4x fewer bytes than float
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)

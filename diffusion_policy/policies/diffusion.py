@@ -71,6 +71,11 @@ class DiffusionConfig(PolicyConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        bad = [d for d in self.unet.down_dims if d % self.unet.n_groups]
+        if bad:
+            raise ConfigError(
+                f"policy.unet.down_dims={self.unet.down_dims}: {bad} not divisible by n_groups={self.unet.n_groups}"
+            )
         factor = 2 ** (len(self.unet.down_dims) - 1)
         if self.horizon % factor:
             raise ConfigError(

@@ -1,0 +1,195 @@
+"""Training samples/s of the image presets: the model step alone (one pre-made batch) against the full
+step (index a batch from the resident uint8 dataset with get_batch, then the same model step).
+
+A step is what `dp train` does per batch: draw the loss noise, forward, backward, AdamW, EMA. The
+crop and the uint8 -> float conversion are inside the encoder, so both columns include them; the
+difference between the columns is the data path alone. Runs on the CPU, and on CUDA when present
+(fp32 and, with --amp, bf16 autocast). Times are medians over --steps steps after --warmup, so a
+busy machine's stalls do not dominate; the load average is printed with the table.
+
+    .venv/bin/python scripts/bench_image_train.py                       # both presets, CPU (+ CUDA)
+    .venv/bin/python scripts/bench_image_train.py --presets pusht_diffusion_image --steps 2 --warmup 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from diffusion_policy.config import load_config
+from diffusion_policy.data.datasets import PushTDataset, make_pusht_datasets
+from diffusion_policy.models.ema import EMAModel
+from diffusion_policy.registry import policy_class
+from diffusion_policy.training import Dist, batch_indices, step_generator
+
+DEFAULT_PATH = "../shared/data/pusht/pusht_cchi_v7_replay.zarr"
+PRESETS = ["pusht_diffusion_image_cpu", "pusht_diffusion_image"]
+
+
+def gflop_per_step(cfg, shape_meta) -> float:
+    """Forward + backward FLOPs of one training batch, counted on the meta device (no compute)."""
+    with torch.device("meta"):
+        policy = policy_class(cfg.policy.name)(cfg.policy, shape_meta)
+        b, p = cfg.train.batch_size, cfg.policy
+        obs = {
+            k: torch.empty((b, p.n_obs_steps, *s.shape), dtype=getattr(torch, s.dtype))
+            for k, s in shape_meta.obs.items()
+        }
+        action = torch.empty(b, p.horizon, shape_meta.action_dim)
+    policy.train()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        cond = policy.global_cond(obs)
+        t = torch.zeros(b, dtype=torch.long, device="meta")
+        out = policy.model(action, t, cond)
+        out.sum().backward()
+    return counter.get_total_flops() / 1e9
+
+
+def time_steps(
+    step: Callable[[int], None], warmup: int, steps: int, sync: Callable[[], None]
+) -> list[float]:
+    for i in range(warmup):
+        step(i)
+    sync()
+    times = []
+    for i in range(warmup, warmup + steps):
+        t0 = time.perf_counter()
+        step(i)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def bench(
+    preset: str, ds: PushTDataset, device: str, amp: bool, warmup: int, steps: int
+) -> dict[str, float]:
+    cfg = load_config(preset, ["train.device=" + device])
+    torch.manual_seed(0)
+    policy = policy_class(cfg.policy.name)(cfg.policy, ds.shape_meta)
+    policy.fit_normalizer(ds.normalizer_data())
+    policy.to(device).train()
+    ema = EMAModel(policy, power=cfg.train.ema_power, max_decay=cfg.train.ema_max_decay)
+    opt = torch.optim.AdamW(
+        policy.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+        weight_decay=cfg.train.weight_decay, fused=device.startswith("cuda"),
+    )  # fmt: skip
+    bs = cfg.train.batch_size
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def model_step(batch: dict, i: int) -> None:
+        batch = {**batch, **policy.sample_training_noise(bs, step_generator(0, i, device))}
+        with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=amp):
+            loss = policy.compute_loss(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ema.step(policy)
+
+    def get(i: int) -> dict:
+        return ds.get_batch(batch_indices(len(ds), bs, i, 0, Dist(), device))
+
+    fixed = get(0)
+    data = time_steps(get, warmup, 20, sync)  # the data path alone
+    model_only = time_steps(lambda i: model_step(fixed, i), warmup, steps, sync)
+    full = time_steps(lambda i: model_step(get(i), i), warmup, steps, sync)
+    t_model, t_full = statistics.median(model_only), statistics.median(full)
+    return {
+        "batch": bs,
+        "params_m": sum(p.numel() for p in policy.parameters()) / 1e6,
+        "gflop": gflop_per_step(cfg, ds.shape_meta),
+        "model_sps": bs / t_model,
+        "full_sps": bs / t_full,
+        "ms_model": 1e3 * t_model,
+        "ms_full": 1e3 * t_full,
+        "ms_data": 1e3 * statistics.median(data),
+    }
+
+
+def bench_crops(device: str, n: int = 128, reps: int = 20) -> list[tuple[str, float]]:
+    """ms to cut n random 84x84 crops from n uint8 96x96x3 frames, three ways."""
+    from diffusion_policy.models.vision import crop_images, crop_offsets
+
+    x = torch.randint(0, 256, (n, 96, 96, 3), dtype=torch.uint8, device=device)
+    off = crop_offsets(n, (96, 96), (84, 84), True, torch.device(device))
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    ar = torch.arange(84, device=device)
+
+    def advanced(_: int) -> None:
+        r, c = off[:, 0, None] + ar, off[:, 1, None] + ar
+        x[torch.arange(n, device=device)[:, None, None], r[:, :, None], c[:, None, :]]
+
+    def loop(_: int) -> None:
+        o = off.tolist()
+        torch.stack([x[k, a : a + 84, b : b + 84] for k, (a, b) in enumerate(o)])
+
+    ways = {
+        "index_select over pixels (ours)": lambda _: crop_images(x, off, (84, 84)),
+        "advanced indexing x[n, rows, cols]": advanced,
+        "per-sample Python slicing + stack": loop,
+    }
+    return [(k, 1e3 * statistics.median(time_steps(f, 2, reps, sync))) for k, f in ways.items()]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--path", default=DEFAULT_PATH)
+    ap.add_argument("--presets", nargs="+", default=PRESETS)
+    ap.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda if present")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per mode")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument(
+        "--cpu-steps", type=int, default=None, help="timed steps on the CPU (default --steps)"
+    )
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch default")
+    ap.add_argument("--amp", action="store_true", help="also time bf16 autocast on CUDA")
+    ap.add_argument("--crops", action="store_true", help="only time the batched crop variants")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    names = [
+        torch.cuda.get_device_name() if d.startswith("cuda") else f"CPU x{os.cpu_count()}"
+        for d in devices
+    ]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, load average {load:.1f}; "
+          f"devices: {', '.join(names)}")  # fmt: skip
+    if args.crops:
+        print("\n| device | crop of 128 frames 96x96 -> 84x84 | ms |\n|---|---|---:|")
+        for device in devices:
+            for name, ms in bench_crops(device):
+                print(f"| {device} | {name} | {ms:.2f} |")
+        return
+    t = time.time()
+    ds, _ = make_pusht_datasets(args.path, "pixels_agent_pos", 16, 2, 8)
+    print(f"dataset: {len(ds)} train windows, frames uint8, loaded in {time.time() - t:.0f} s\n")
+    print("| preset | device | autocast | batch | params | GFLOP/step | model step (samples/s) | full step (samples/s) | ms/step model / full | get_batch ms |")  # fmt: skip
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for device in devices:
+        ds.to(device)
+        for preset in args.presets:
+            for amp in [False, True] if (args.amp and device.startswith("cuda")) else [False]:
+                steps = args.cpu_steps if device == "cpu" and args.cpu_steps else args.steps
+                r = bench(preset, ds, device, amp, args.warmup, steps)
+                print(
+                    f"| {preset} | {device} | {'bf16' if amp else 'fp32'} | {r['batch']} | "
+                    f"{r['params_m']:.1f} M | {r['gflop']:.0f} | {r['model_sps']:.1f} | {r['full_sps']:.1f} | "
+                    f"{r['ms_model']:.0f} / {r['ms_full']:.0f} | {r['ms_data']:.2f} |",
+                    flush=True,
+                )
+    ds.to("cpu")
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f}; medians of {args.steps} steps "
+          f"(CPU: {args.cpu_steps or args.steps}) after {args.warmup} warm-up steps")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
