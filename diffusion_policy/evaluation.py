@@ -392,11 +392,15 @@ def run(args) -> int:
         if args.realtime:
             metrics = _evaluate_realtime(args, policy, cfg, ecfg, out, clients)
         elif args.server:
-            from diffusion_policy.serving.client import PolicyClient, RemoteActor
+            from diffusion_policy.serving.client import ClientError, PolicyClient, RemoteActor
 
-            clients.append(PolicyClient(args.server, token=args.token))
-            _check_server(clients[0].metadata, cfg, args.checkpoint)
-            metrics = evaluate(RemoteActor(clients[0], seed=args.seed), cfg.task, ecfg, out_dir=out)
+            try:
+                clients.append(PolicyClient(args.server, token=args.token))
+                _check_server(clients[0].metadata, cfg, args.checkpoint)
+                actor = RemoteActor(clients[0], seed=args.seed)
+                metrics = evaluate(actor, cfg.task, ecfg, out_dir=out)
+            except ClientError as e:  # server down, refused token, bad request: one line
+                raise UserError(f"policy server {args.server}: {e}") from None
         else:
             metrics = evaluate(Actor(policy, seed=args.seed), cfg.task, ecfg, out_dir=out)
     finally:

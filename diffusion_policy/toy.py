@@ -25,6 +25,7 @@ from diffusion_policy.data.datasets import ObsSpec, ShapeMeta
 from diffusion_policy.models.unet1d import ConditionalUnet1D
 from diffusion_policy.policies.base import Policy
 from diffusion_policy.policies.diffusion import DiffusionConfig, DiffusionPolicy, UnetConfig
+from diffusion_policy.policies.ibc import EnergyNetConfig, IBCConfig, IBCPolicy, LangevinConfig
 
 OBS_KEY = "state"
 ActionSampler = Callable[[int, torch.Generator], np.ndarray]  # (n, generator) -> (n, T, Da)
@@ -151,6 +152,29 @@ def make_mse_policy(task: BimodalTask, seed: int = 0) -> MSERegressionPolicy:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return MSERegressionPolicy(cfg, task.shape_meta())
+
+
+def make_ibc_policy(task: BimodalTask, seed: int = 0) -> IBCPolicy:
+    """Implicit BC, the IBC paper's Langevin recipe: counter-examples refined by Langevin chains.
+
+    The chunk is 16-d (T = 8 steps x 2), where uniform counter-examples are too easy to tell apart
+    and derivative-free search from uniform samples does not reach the modes (docs/RESULTS.md).
+    The gradient penalty is off: with it the energy stays too flat for the chains to settle.
+    """
+    cfg = IBCConfig(
+        horizon=task.horizon,
+        n_obs_steps=1,
+        n_action_steps=task.horizon,
+        energy=EnergyNetConfig(hidden_dim=64, n_layers=3, dropout=0.0),
+        train_n_neg=8,
+        train_negatives="langevin",
+        inference="langevin",
+        grad_penalty=False,
+        langevin=LangevinConfig(n_steps=20, noise_scale=0.3),
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return IBCPolicy(cfg, task.shape_meta())
 
 
 @dataclass

@@ -3,12 +3,14 @@ step (index a batch from the resident uint8 dataset with get_batch, then the sam
 
 A step is what `dp train` does per batch: draw the loss noise, forward, backward, AdamW, EMA. The
 crop and the uint8 -> float conversion are inside the encoder, so both columns include them; the
-difference between the columns is the data path alone. Runs on the CPU, and on CUDA when present
-(fp32 and, with --amp, bf16 autocast). Times are medians over --steps steps after --warmup, so a
-busy machine's stalls do not dominate; the load average is printed with the table.
+difference between the columns is the data path alone (also timed by itself: get_batch ms). Runs on
+the CPU, and on CUDA when present; --amp adds bf16-autocast rows (what train.amp=true does). Times
+are medians over --steps steps after --warmup, so a busy machine's stalls do not dominate; the load
+average is printed with the table. --crops times only the batched crop against alternatives.
 
-    .venv/bin/python scripts/bench_image_train.py                       # both presets, CPU (+ CUDA)
+    .venv/bin/python scripts/bench_image_train.py --threads 1                 # both presets
     .venv/bin/python scripts/bench_image_train.py --presets pusht_diffusion_image --steps 2 --warmup 1
+    .venv/bin/python scripts/bench_image_train.py --amp --crops
 """
 
 from __future__ import annotations
@@ -113,28 +115,44 @@ def bench(
 
 
 def bench_crops(device: str, n: int = 128, reps: int = 20) -> list[tuple[str, float]]:
-    """ms to cut n random 84x84 crops from n uint8 96x96x3 frames, three ways."""
-    from diffusion_policy.models.vision import crop_images, crop_offsets
+    """ms from n uint8 (96, 96, 3) frames to the encoder's input: n random 84x84 crops as a
+    contiguous float (n, 3, 84, 84) in [-1, 1]. The same conversion follows every crop variant."""
+    from diffusion_policy.models.vision import crop_images, crop_offsets, to_unit_range
 
     x = torch.randint(0, 256, (n, 96, 96, 3), dtype=torch.uint8, device=device)
     off = crop_offsets(n, (96, 96), (84, 84), True, torch.device(device))
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     ar = torch.arange(84, device=device)
+    rows, cols = off[:, 0, None] + ar, off[:, 1, None] + ar  # (n, 84) each
 
-    def advanced(_: int) -> None:
-        r, c = off[:, 0, None] + ar, off[:, 1, None] + ar
-        x[torch.arange(n, device=device)[:, None, None], r[:, :, None], c[:, None, :]]
+    def flat_index_select() -> torch.Tensor:  # one index per pixel of (n*96*96, 3)
+        base = torch.arange(n, device=device)[:, None, None] * (96 * 96)
+        flat = (base + rows[:, :, None] * 96 + cols[:, None, :]).reshape(-1)
+        return x.reshape(-1, 3).index_select(0, flat).reshape(n, 84, 84, 3).permute(0, 3, 1, 2)
 
-    def loop(_: int) -> None:
-        o = off.tolist()
-        torch.stack([x[k, a : a + 84, b : b + 84] for k, (a, b) in enumerate(o)])
+    def advanced() -> torch.Tensor:
+        idx = torch.arange(n, device=device)[:, None, None]
+        return x[idx, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+    def loop() -> torch.Tensor:  # not allowed in the encoder: n slices and a host sync (tolist)
+        crops = [x[k, a : a + 84, b : b + 84] for k, (a, b) in enumerate(off.tolist())]
+        return torch.stack(crops).permute(0, 3, 1, 2)
 
     ways = {
-        "index_select over pixels (ours)": lambda _: crop_images(x, off, (84, 84)),
+        "unfold windows + one gather (ours)": lambda: crop_images(x, off, (84, 84)),
+        "index_select, one index per pixel": flat_index_select,
         "advanced indexing x[n, rows, cols]": advanced,
-        "per-sample Python slicing + stack": loop,
+        "per-sample Python slices + stack": loop,
     }
-    return [(k, 1e3 * statistics.median(time_steps(f, 2, reps, sync))) for k, f in ways.items()]
+    ref = to_unit_range(crop_images(x, off, (84, 84)))
+    out = []
+    for name, crop in ways.items():
+        assert torch.equal(to_unit_range(crop()), ref), name
+        ms = 1e3 * statistics.median(
+            time_steps(lambda _, f=crop: to_unit_range(f()), 2, reps, sync)
+        )
+        out.append((name, ms))
+    return out
 
 
 def main() -> None:
@@ -150,7 +168,7 @@ def main() -> None:
         "--cpu-steps", type=int, default=None, help="timed steps on the CPU (default --steps)"
     )
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch default")
-    ap.add_argument("--amp", action="store_true", help="also time bf16 autocast on CUDA")
+    ap.add_argument("--amp", action="store_true", help="also time bf16 autocast (train.amp)")
     ap.add_argument("--crops", action="store_true", help="only time the batched crop variants")
     args = ap.parse_args()
     if args.threads:
@@ -164,7 +182,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, load average {load:.1f}; "
           f"devices: {', '.join(names)}")  # fmt: skip
     if args.crops:
-        print("\n| device | crop of 128 frames 96x96 -> 84x84 | ms |\n|---|---|---:|")
+        print(
+            "\n| device | 128 uint8 frames 96x96 -> float crops (128, 3, 84, 84) | ms |\n|---|---|---:|"
+        )
         for device in devices:
             for name, ms in bench_crops(device):
                 print(f"| {device} | {name} | {ms:.2f} |")
@@ -177,7 +197,7 @@ def main() -> None:
     for device in devices:
         ds.to(device)
         for preset in args.presets:
-            for amp in [False, True] if (args.amp and device.startswith("cuda")) else [False]:
+            for amp in [False, True] if args.amp else [False]:
                 steps = args.cpu_steps if device == "cpu" and args.cpu_steps else args.steps
                 r = bench(preset, ds, device, amp, args.warmup, steps)
                 print(

@@ -1,10 +1,10 @@
-"""Figure: demonstrations vs MSE regression vs Diffusion Policy on the bimodal toy task.
+"""Figure: demonstrations vs MSE regression vs Diffusion Policy vs Implicit BC on the bimodal toy task.
 
     .venv/bin/python scripts/plot_multimodality.py            # -> docs/figures/multimodality.png
 
 Every panel is a (name, sampler) pair, sampler(n, generator) -> (n, T, 2) action chunks; a policy
 panel is one entry in POLICIES below (a factory that builds a Policy for the task), trained by the
-same `train_toy` loop. Adding IBC is one line: ("IBC", make_ibc_policy).
+same `train_toy` loop.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from diffusion_policy.toy import (  # noqa: E402
     BimodalTask,
     ToyTrainConfig,
     make_diffusion_policy,
+    make_ibc_policy,
     make_mse_policy,
     policy_sampler,
     train_toy,
@@ -35,6 +36,7 @@ from diffusion_policy.toy import (  # noqa: E402
 POLICIES: list[tuple[str, Callable[[BimodalTask, int], Policy]]] = [
     ("MSE regression (same U-Net)", make_mse_policy),
     ("Diffusion Policy (DDPM, 100 steps)", make_diffusion_policy),
+    ("Implicit BC (Langevin)", make_ibc_policy),
 ]
 COLORS = {"left": "tab:blue", "right": "tab:orange", "neither": "tab:red"}
 

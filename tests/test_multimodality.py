@@ -3,7 +3,8 @@
 The toy task (diffusion_policy/toy.py): one constant observation, and action chunks that pass an
 obstacle either on the left or on the right with probability 1/2 each. Both models share the same
 ConditionalUnet1D and parameter count and are trained for the same steps; only the objective
-differs. scripts/plot_multimodality.py draws the same experiment.
+differs. Implicit BC (an energy model sampled by Langevin MCMC) is checked against the same
+yardstick. scripts/plot_multimodality.py draws the same experiment.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from diffusion_policy.toy import (
     ToyTrainConfig,
     count_parameters,
     make_diffusion_policy,
+    make_ibc_policy,
     make_mse_policy,
     policy_sampler,
     train_toy,
@@ -49,6 +51,13 @@ def data(task: BimodalTask) -> dict:
 @pytest.fixture(scope="module")
 def diffusion(task, data):
     policy = make_diffusion_policy(task, seed=0)
+    losses = train_toy(policy, data, ToyTrainConfig(seed=0))
+    return policy, losses
+
+
+@pytest.fixture(scope="module")
+def ibc(task, data):
+    policy = make_ibc_policy(task, seed=0)
     losses = train_toy(policy, data, ToyTrainConfig(seed=0))
     return policy, losses
 
@@ -120,3 +129,16 @@ def test_mse_regressor_predicts_the_average(task, data, mse):
     # far from both modes: at least half the distance between them
     gap = np.sqrt(((task.mode_paths()[0] - task.mode_paths()[1]) ** 2).mean())
     assert task.mode_distances(actions).min() > 0.4 * gap
+
+
+def test_implicit_bc_keeps_both_modes(task, ibc, mse):
+    """An energy model with Langevin sampling also keeps both modes, where MSE lands in between."""
+    policy, _ = ibc
+    actions = policy_sampler(policy)(N_SAMPLES, torch.Generator().manual_seed(0))
+    assert actions.shape == (N_SAMPLES, task.horizon, 2)
+    fr = task.mode_fractions(actions)
+    assert 0.25 <= fr["left"] <= 0.75, fr
+    assert 0.25 <= fr["right"] <= 0.75, fr
+    assert fr["neither"] <= 0.05, fr
+    regressed = policy_sampler(mse[0])(4, torch.Generator().manual_seed(0))
+    assert task.mode_fractions(regressed)["neither"] == 1.0

@@ -333,6 +333,7 @@ def test_image_smoke_train_then_eval(pusht_zarr, tmp_path, capsys):
         [
             "train", "smoke", *TINY, f"task.dataset={pusht_zarr}", f"run_dir={run}",
             "train.device=cpu", "eval.n_videos=0", "train.val_every=4",
+            "train.amp=true",  # bf16 autocast of the training forward (CPU autocast here)
             # 48x48 frames: 4x cheaper, and `dp eval` then resizes the env's 96x96 frames
             "policy.encoder.resize_shape=[48,48]", "policy.encoder.crop_shape=[40,40]",
         ]

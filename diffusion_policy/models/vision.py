@@ -8,10 +8,10 @@ Why the ResNet-18 is written here rather than imported from torchvision: torchvi
 do not load beside the CPU-only torch build we develop on ("operator torchvision::nms does not
 exist"), and a model module should not need an image-ops library for one network. The modules keep
 torchvision's exact structure and names (conv1, bn1, layer1..4 of BasicBlocks with conv1/bn1/conv2/
-bn2/downsample.0/.1; avgpool and fc dropped), so parameter names and shapes match
-`torchvision.models.resnet18()` one for one and its weights load with `load_state_dict` (less the
-BatchNorm running statistics, which GroupNorm does not have). tests/test_vision.py checks this
-whenever torchvision is importable.
+bn2/downsample.0/.1; avgpool and fc dropped): parameter names and shapes match
+`torchvision.models.resnet18()` one for one, and its state dicts load by name with
+`load_state_dict(strict=False)` (BatchNorm's running statistics have no GroupNorm counterpart).
+tests/test_vision.py compares the two whenever torchvision is importable.
 
 Why GroupNorm: the paper replaces every BatchNorm by GroupNorm(C/16, C) because BatchNorm's running
 statistics do not survive the EMA of the weights.
@@ -203,7 +203,7 @@ class CropRandomizer(nn.Module):
 
 
 def check_image_obs(
-    key: str, x: torch.Tensor, want: tuple[int, ...], any_size: bool = False
+    key: str, x: torch.Tensor, want: tuple[int | str, ...], any_size: bool = False
 ) -> None:
     """Raise ObservationError unless x is (B, *want) uint8 HWC; want = (To, H, W, 3).
 
@@ -231,7 +231,7 @@ def check_image_obs(
         )
 
 
-def _unit_range(img: torch.Tensor) -> torch.Tensor:
+def to_unit_range(img: torch.Tensor) -> torch.Tensor:
     """(N, C, h, w) 0..255 in any memory order -> contiguous float32 x / 255 * 2 - 1, in one copy."""
     return img.to(torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1.0)
 
@@ -288,7 +288,7 @@ class ImageEncoder(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         """(B, To, H, W, 3) uint8 at the trained resolution (any resolution when resizing)."""
-        to = x.shape[1] if x.ndim == 5 else 0
+        to = x.shape[1] if x.ndim == 5 else "To"
         check_image_obs(self.key, x, (to, *self.input_shape), self.resize_shape is not None)
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
@@ -298,8 +298,8 @@ class ImageEncoder(nn.Module):
             img = F.interpolate(
                 img, self.resize_shape, mode="bilinear", antialias=True, align_corners=False
             )
-            return _unit_range(self.crop(img.permute(0, 2, 3, 1)))  # crop an HWC view
-        return _unit_range(self.crop(x))  # crop the uint8 frames: 4x fewer bytes than float
+            return to_unit_range(self.crop(img.permute(0, 2, 3, 1)))  # crop an HWC view
+        return to_unit_range(self.crop(x))  # crop the uint8 frames: 4x fewer bytes than float
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)

@@ -4,8 +4,21 @@
         client.metadata["obs"]                  # {key: {"shape": [To, ...], "dtype", "kind"}}
         out = client.infer({"keypoints": obs})  # obs (To, 20) -> out["actions"] (Ta, Da)
 
+A robot's control loop (PUSHT_SPEC §9 timing: stale actions dropped, inference in the background):
+
+    from diffusion_policy.chunking import RealtimeController
+    meta = client.metadata
+    dt = 1.0 / meta["control_hz"]
+    ctrl = RealtimeController(lambda o: client.infer(o)["actions"], meta["n_obs_steps"], dt)
+    t0 = ctrl.reset(read_obs())                      # waits for the first chunk
+    for i in itertools.count():
+        sleep_until(t0 + i * dt)
+        action = ctrl.step(read_obs() if i else None, t0 + i * dt)
+        if action is not None:                       # None: nothing due, keep the last command
+            robot.command(action)
+
 Robots importing this must not pay for torch; tests/test_serving.py checks that importing it does
-not import torch. Pair it with `diffusion_policy.chunking.RealtimeController` for a control loop.
+not import torch.
 """
 
 from __future__ import annotations
