@@ -41,8 +41,9 @@ TINY = [  # a small image policy for fast tests: 16-wide ResNet, tiny UNet, 4 DD
 @pytest.fixture(autouse=True)
 def one_torch_thread():
     """One intra-op thread for these conv-heavy tests: on a shared 2-core machine with other jobs
-    running, 2 OpenMP threads made a tiny conv1d 90 ms instead of 0.3 ms (threads spin-wait for a
-    descheduled peer), and this module took minutes instead of seconds."""
+    running, 2 OpenMP threads made a tiny Conv1d take 39-90 ms instead of 0.3-0.4 ms (threads
+    spin-wait for a descheduled peer; docs/BENCHMARKS.md "Image policy"), and this module took
+    minutes instead of about 25 s."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
