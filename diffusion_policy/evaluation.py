@@ -153,15 +153,19 @@ def evaluate(
     # One wave of all episodes keeps the policy batch large: sampling, not the env, dominates the cost.
     n_envs = min(cfg.n_envs or cfg.n_episodes, cfg.n_episodes)
     fn = partial(make_env, task.env_id, task.obs_type, cfg.max_steps, cfg.video_size)
-    vector = cfg.vector if cfg.vector != "auto" else ("async" if (os.cpu_count() or 1) >= 8 else "sync")
+    # Episodes end at different steps; NEXT_STEP autoreset lets a finished env be stepped along with the
+    # rest (it resets, and its results are masked out) where DISABLED would refuse the whole batch.
+    vector = (
+        cfg.vector if cfg.vector != "auto" else ("async" if (os.cpu_count() or 1) >= 8 else "sync")
+    )
     if vector == "async":
         venv: gym.vector.VectorEnv = AsyncVectorEnv(
             [fn] * n_envs,
-            autoreset_mode=AutoresetMode.DISABLED,
+            autoreset_mode=AutoresetMode.NEXT_STEP,
             context="spawn" if os.name != "posix" else None,
         )
     else:
-        venv = SyncVectorEnv([fn] * n_envs, autoreset_mode=AutoresetMode.DISABLED)
+        venv = SyncVectorEnv([fn] * n_envs, autoreset_mode=AutoresetMode.NEXT_STEP)
     results: dict[str, list] = {"max_reward": [], "success": [], "final_cov": [], "steps": []}
     t0 = time.time()
     bar = None
@@ -287,7 +291,10 @@ def add_arguments(parser) -> None:
         "--max-steps", type=int, default=None, help="env steps per episode (default 300)"
     )
     parser.add_argument(
-        "--n-envs", type=int, default=None, help="envs per wave, i.e. the policy batch (default: all episodes at once)"
+        "--n-envs",
+        type=int,
+        default=None,
+        help="envs per wave, i.e. the policy batch (default: all episodes at once)",
     )
     parser.add_argument(
         "--videos", type=int, default=None, help="record mp4s of the first N episodes (default 4)"

@@ -39,6 +39,7 @@ from diffusion_policy.config import (
 )
 from diffusion_policy.data.datasets import make_pusht_datasets
 from diffusion_policy.errors import ConfigError, DataError
+from diffusion_policy.evaluation import EvalError
 from diffusion_policy.models.ema import EMAModel
 from diffusion_policy.registry import policy_class
 
@@ -343,18 +344,24 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
                 and (time.time() - t_start) > 60 * cfg.train.time_limit_min
             ) or (cfg.train.stop_at_step is not None and step >= cfg.train.stop_at_step)
             last = step == total_steps or stop["flag"] or out_of_time
-            periodic = cfg.train.eval_every and step % cfg.train.eval_every == 0
-            if d.main and (periodic or (last and cfg.train.final_eval)):
-                m = evaluate_now()
-                log.log(step, m)
-                if bar:
-                    bar.write(
-                        f"step {step}: eval mean_score {m['eval/mean_score']:.3f} success {m['eval/success_rate']:.2f}"
-                    )
-                keep_best(m)
+            # checkpoint before evaluating, so a failed evaluation never costs the trained weights
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 or last:
                 if checkpoint(f"step_{step:08d}") is not None:
                     _prune_steps(run_dir / "checkpoints")
+            periodic = cfg.train.eval_every and step % cfg.train.eval_every == 0
+            if d.main and (periodic or (last and cfg.train.final_eval)):
+                try:
+                    m = evaluate_now()
+                except (
+                    EvalError
+                ) as e:  # report and keep training: the checkpoint can be evaluated later
+                    print(f"step {step}: evaluation failed: {e}")
+                    log.log(step, {"eval/error": str(e)})
+                else:
+                    log.log(step, m)
+                    msg = f"step {step}: eval mean_score {m['eval/mean_score']:.3f} success {m['eval/success_rate']:.2f}"
+                    (bar.write if bar else print)(msg)
+                    keep_best(m)
             if d.world > 1:
                 flag = torch.tensor([int(stop["flag"] or out_of_time)], device=device)
                 dist.all_reduce(flag)

@@ -41,6 +41,36 @@ class CrashingEnv(PushTEnv):
 gym.register("CrashingPushT-v0", entry_point=CrashingEnv, max_episode_steps=300)
 
 
+class EndsEarlyEnv(PushTEnv):
+    """Terminates after 3 + (seed % 4) steps, so the envs of one batch finish at different times."""
+
+    def reset(self, *, seed=None, options=None):
+        self.left = 3 + (seed or 0) % 4
+        return super().reset(seed=seed, options=options)
+
+    def step(self, action):
+        obs, r, term, trunc, info = super().step(action)
+        self.left -= 1
+        return obs, r, term or self.left <= 0, trunc, info
+
+
+gym.register("EndsEarlyPushT-v0", entry_point=EndsEarlyEnv, max_episode_steps=300)
+
+
+@pytest.mark.parametrize("vector", ["sync", "async"])
+def test_episodes_that_end_at_different_times(vector):
+    task = TaskConfig(env_id="EndsEarlyPushT-v0", obs_type="keypoints")
+    m = evaluate(
+        HoldStill(),
+        task,
+        EvalConfig(n_episodes=4, max_steps=50, vector=vector, n_videos=0),
+        progress=False,
+    )
+    assert [m["per_seed"][str(100000 + i)]["steps"] for i in range(4)] == [
+        3 + (100000 + i) % 4 for i in range(4)
+    ]
+
+
 def test_hold_still_scores_its_initial_coverage():
     task = TaskConfig(obs_type="keypoints")
     m = evaluate(

@@ -11,9 +11,11 @@ horizon 2, so the window holds (a0, a1) and a1 (the command issued after the new
 
 Training (InfoNCE): for each sample, candidates = [positive + N(0, std²), N negatives uniform in the
 normalised action bounds ([-1, 1] in limits mode)]; loss = cross-entropy of -E with the positive at
-index 0 = E(positive) + log Σ_j exp(-E_j). With Langevin inference an optional gradient penalty
-mean(max(0, ||∇_a E|| - M)²) over the candidates keeps the energy smooth enough for gradient-based
-sampling (IBC paper, appendix), and the negatives may be refined by Langevin chains.
+index 0 = E(positive) + log Σ_j exp(-E_j). The trainer draws this randomness (sample_training_noise).
+With Langevin (inference or negatives) a gradient penalty mean(max(0, ||∇_a E|| - M)²) over all
+candidates, positive included, keeps the energy smooth for gradient-based sampling (IBC paper,
+appendix; on by default, `grad_penalty`), and `train_negatives: langevin` refines the uniform
+counter-examples with Langevin chains on the current energy (the IBC paper's Langevin training).
 
 Inference, vocabulary N = candidates per observation, A = Ta * Da:
   * dfo: N uniform candidates; repeat n_iters times: softmax over -E, resample with replacement
@@ -22,6 +24,8 @@ Inference, vocabulary N = candidates per observation, A = Ta * Da:
   * langevin: N uniform chains, a <- a - (eps_k / 2) ∇_a E + noise_scale * sqrt(eps_k) * xi, with a
     polynomially decaying eps_k, clamped to the bounds.
   * final pick: `sample` one candidate from softmax(-E) (the original) or `argmax` (lowest energy).
+DFO from uniform samples suits the paper's small A (Ta 1 x Da 2); on a 16-d chunk it does not reach
+the modes, where Langevin with Langevin counter-examples does (the toy in docs/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -149,6 +153,15 @@ class IBCConfig(PolicyConfig):
     grad_penalty_margin: float = 1.0  # M in max(0, ||∇_a E|| - M)^2
     grad_penalty_norm: str = "inf"  # inf | l2
     grad_penalty_weight: float = 1.0
+
+    @classmethod
+    def tiny(cls) -> IBCConfig:
+        return cls(
+            energy=EnergyNetConfig(hidden_dim=16, n_layers=2),
+            train_n_neg=8,
+            dfo=DFOConfig(n_samples=16, n_iters=2),
+            langevin=LangevinConfig(n_samples=8, n_steps=4),
+        )
 
     def __post_init__(self) -> None:
         super().__post_init__()
