@@ -228,7 +228,9 @@ class PushTEnv(gym.Env):
             high = np.array([WINDOW_SIZE] * 4 + [2 * np.pi], dtype=np.float64)
             return spaces.Box(np.zeros(5), high, dtype=np.float64)
         if self.obs_type == "keypoints":
-            return spaces.Box(0.0, float(WINDOW_SIZE), shape=(20,), dtype=np.float64)
+            # The T reaches up to ~120 px past its origin, and the legacy reset can place the origin
+            # near a wall, so keypoints can leave the window: bound them by one window on each side.
+            return spaces.Box(-float(WINDOW_SIZE), 2.0 * WINDOW_SIZE, shape=(20,), dtype=np.float64)
         if self.obs_type == "pixels":
             return pixels
         agent_pos = spaces.Box(0.0, float(WINDOW_SIZE), shape=(2,), dtype=np.float64)
