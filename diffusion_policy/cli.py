@@ -19,7 +19,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "diffusion_policy.data.cli",
         "inspect, validate, fetch, generate and record demonstration stores",
     ),
-    "serve": ("diffusion_policy.serving.server", "serve a checkpoint to robot controllers over websockets"),
+    "serve": (
+        "diffusion_policy.serving.server",
+        "serve a checkpoint to robot controllers over websockets",
+    ),
     "sim": ("diffusion_policy.sim_cli", "replay, render or play Push-T episodes"),
     "quickstart": ("diffusion_policy.quickstart", "get data, train the CPU preset and evaluate it"),
 }

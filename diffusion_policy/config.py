@@ -115,7 +115,9 @@ class EvalConfig:
     seed_start: int = 100000  # the paper's test seeds are 100000..100049
     max_steps: int = 300
     n_envs: int = 0  # envs (and policy batch) per wave; 0 = all episodes in one wave
-    vector: str = "auto"  # async (a process per env) | sync (in-process) | auto: async with >= 8 CPUs
+    vector: str = (
+        "auto"  # async (a process per env) | sync (in-process) | auto: async with >= 8 CPUs
+    )
     n_videos: int = 4
     video_size: int = 96
     num_inference_steps: int | None = None  # override the policy's sampler steps at eval

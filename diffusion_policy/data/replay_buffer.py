@@ -221,7 +221,9 @@ class ReplayBuffer:
         p = Path(path)
         g = _open_group(p, mode)
         data, ends = _members(p, g)
-        if mode == "a":  # every chunk file written, even all-zero ones: validate treats a missing file as damage
+        if (
+            mode == "a"
+        ):  # every chunk file written, even all-zero ones: validate treats a missing file as damage
             data = {k: v.with_config({"write_empty_chunks": True}) for k, v in data.items()}
             ends = ends.with_config({"write_empty_chunks": True})
         buf = cls(data, ends, path=p, group=g)

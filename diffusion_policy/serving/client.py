@@ -225,6 +225,14 @@ class RemoteActor:
         self.calls = 0
 
     def __call__(self, obs: dict[str, np.ndarray]) -> np.ndarray:
-        out = self.client.infer(obs, seed=self.seed + self.calls)
-        self.calls += 1
-        return np.asarray(out["actions"])
+        # the server caps rows per request (metadata max_batch): send larger batches in slices
+        rows = len(next(iter(obs.values())))
+        step = int(self.client.metadata.get("max_batch") or rows)
+        parts = []
+        for i in range(0, rows, step):
+            out = self.client.infer(
+                {k: v[i : i + step] for k, v in obs.items()}, seed=self.seed + self.calls
+            )
+            self.calls += 1
+            parts.append(np.asarray(out["actions"]))
+        return np.concatenate(parts)
