@@ -403,7 +403,7 @@ def _training_noise(
 def validate(
     policy, train_ds, val_ds, cfg: Config, device: str, data_device: str, max_batches: int = 8
 ) -> dict[str, float]:
-    """Loss on held-out episodes with fixed noise, and the action MSE of sampled chunks on a train batch."""
+    """Loss on held-out episodes with fixed noise, and the MSE of sampled executed actions on a train batch."""
     policy.eval()
     out: dict[str, float] = {}
     bs = cfg.train.batch_size
@@ -424,7 +424,10 @@ def validate(
     pred = policy.predict_action_chunk(
         batch["obs"], generator=torch.Generator(device=device).manual_seed(cfg.train.seed)
     )
-    out["train/action_mse"] = float(((pred["action_pred"] - batch["action"]) ** 2).mean())
+    # the executed slice [To-1, To-1+Ta): what every policy predicts (IBC predicts nothing else)
+    start = cfg.policy.n_obs_steps - 1
+    target = batch["action"][:, start : start + cfg.policy.n_action_steps]
+    out["train/action_mse"] = float(((pred["action"] - target) ** 2).mean())
     return out
 
 
