@@ -138,9 +138,8 @@ class MSERegressionPolicy(Policy):
         self, obs: dict[str, torch.Tensor], generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
         action_pred = self.normalizer.unnormalize("action", self._predict(self.check_obs(obs)))
-        start = self.config.n_obs_steps - 1
         return {
-            "action": action_pred[:, start : start + self.config.n_action_steps],
+            "action": action_pred[:, self.executed_slice()],
             "action_pred": action_pred,
         }
 

@@ -425,8 +425,7 @@ def validate(
         batch["obs"], generator=torch.Generator(device=device).manual_seed(cfg.train.seed)
     )
     # the executed slice [To-1, To-1+Ta): what every policy predicts (IBC predicts nothing else)
-    start = cfg.policy.n_obs_steps - 1
-    target = batch["action"][:, start : start + cfg.policy.n_action_steps]
+    target = batch["action"][:, policy.executed_slice()]
     out["train/action_mse"] = float(((pred["action"] - target) ** 2).mean())
     return out
 

@@ -35,3 +35,14 @@ def pusht_images(pusht_zarr: Path):
     from diffusion_policy.data.replay_buffer import ReplayBuffer
 
     return ReplayBuffer.load(pusht_zarr)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors run faster on one intra-op thread, and it is cheaper on a shared CI machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -90,6 +90,11 @@ class Policy(nn.Module, ABC):
         """Clear any per-episode state (none for the built-in policies)."""
 
     # --- shared helpers -----------------------------------------------------------------------
+    def executed_slice(self) -> slice:
+        """Chunk indices [To-1, To-1+Ta) that are executed (see the timing diagram above)."""
+        start = self.config.n_obs_steps - 1
+        return slice(start, start + self.config.n_action_steps)
+
     def fit_normalizer(self, data: dict[str, np.ndarray], mode: str = "limits") -> None:
         """Fit from all frames of the dataset (spec §2.5): action and every low-dim obs key."""
         self.normalizer.fit({k: v for k, v in data.items() if k in self.normalizer.dims}, mode=mode)

@@ -195,8 +195,7 @@ class DiffusionPolicy(Policy):
         cond = self.global_cond(self.normalize_obs(obs))
         naction = self.conditional_sample(cond, generator=generator, noise=noise)
         action_pred = self.normalizer.unnormalize("action", naction)
-        start = self.config.n_obs_steps - 1
         return {
-            "action": action_pred[:, start : start + self.config.n_action_steps],
+            "action": action_pred[:, self.executed_slice()],
             "action_pred": action_pred,
         }

@@ -383,10 +383,6 @@ class IBCPolicy(Policy):
         reps = self.config.n_action_steps
         return low.repeat(reps), high.repeat(reps)
 
-    def _chunk_slice(self) -> slice:
-        start = self.config.n_obs_steps - 1
-        return slice(start, start + self.config.n_action_steps)
-
     # --- training --------------------------------------------------------------------------------
     def sample_training_noise(
         self,
@@ -411,7 +407,7 @@ class IBCPolicy(Policy):
         c = self.config
         feat = self.obs_features(self.normalize_obs(batch["obs"]))  # (B, To*Do)
         naction = self.normalizer.normalize("action", batch["action"])  # (B, T, Da)
-        positive = rearrange(naction[:, self._chunk_slice()], "b ta da -> b (ta da)")  # (B, A)
+        positive = rearrange(naction[:, self.executed_slice()], "b ta da -> b (ta da)")  # (B, A)
         drawn = (
             batch
             if "ibc_neg_uniform" in batch
@@ -476,7 +472,7 @@ class IBCPolicy(Policy):
             self.train(was_training)
         chunk = rearrange(best, "b (ta da) -> b ta da", ta=c.n_action_steps)
         action = self.normalizer.unnormalize("action", chunk)  # (B, Ta, Da)
-        s = self._chunk_slice()
+        s = self.executed_slice()
         before = action[:, :1].expand(-1, s.start, -1)
         after = action[:, -1:].expand(-1, c.horizon - s.stop, -1)
         return {"action": action, "action_pred": torch.cat([before, action, after], dim=1)}
