@@ -10,6 +10,7 @@ and noise as one process with an N-times larger batch.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -98,13 +99,19 @@ def batch_indices(
     """This rank's share of the step's global batch; epoch e is a fixed permutation of (seed, e)."""
     per_epoch = max(1, n // global_batch)
     epoch, b = divmod(step, per_epoch)
-    g = torch.Generator().manual_seed(seed * 7919 + epoch)
-    perm = torch.randperm(n, generator=g)
-    if n < global_batch:  # tiny datasets: sample with repetition so shapes stay fixed
-        perm = perm.repeat(math.ceil(global_batch / n))
+    perm = _epoch_permutation(n, global_batch, seed, epoch)
     local = global_batch // d.world
     start = b * global_batch + d.rank * local
     return perm[start : start + local].to(device)
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_permutation(n: int, global_batch: int, seed: int, epoch: int) -> torch.Tensor:
+    """The sample order of one epoch, drawn once per epoch rather than once per step."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    if n < global_batch:  # tiny datasets: sample with repetition so shapes stay fixed
+        perm = perm.repeat(math.ceil(global_batch / n))
+    return perm
 
 
 def make_run_dir(cfg: Config) -> Path:
