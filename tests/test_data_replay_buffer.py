@@ -178,13 +178,13 @@ BROKEN = {
 }
 
 
-@pytest.mark.parametrize("zarr_format", [2, 3])
-@pytest.mark.parametrize("case", list(BROKEN))
+# Every broken case in both formats, except a flipped byte in a v2 chunk: v2 chunks carry no checksum,
+# so a flipped byte inside a Blosc frame can decode silently (a documented limit of the v2 format).
+BROKEN_CASES = [(c, f) for c in BROKEN for f in (2, 3) if (c, f) != ("corrupt_chunk", 2)]
+
+
+@pytest.mark.parametrize(("case", "zarr_format"), BROKEN_CASES)
 def test_broken_store_raises_one_clear_error(tmp_path: Path, case: str, zarr_format: int, capsys):
-    if case == "corrupt_chunk" and zarr_format == 2:
-        pytest.skip(
-            "v2 chunks carry no checksum: a flipped byte inside a Blosc frame can decode silently"
-        )
     path = make_buffer().save(tmp_path / "b.zarr", zarr_format=zarr_format)
     breaker, expected = BROKEN[case]
     breaker(path)

@@ -81,22 +81,23 @@ def test_train_resume_is_bit_for_bit_and_eval_runs(pusht_zarr, tmp_path, capsys)
     assert "mean_score" in capsys.readouterr().out
 
 
-def test_resume_refuses_schedule_changes(pusht_zarr, tmp_path, capsys):
-    run = tmp_path / "r"
-    assert (
-        main(
-            [
-                "train",
-                "smoke",
-                f"task.dataset={pusht_zarr}",
-                *BASE,
-                "train.max_steps=2",
-                "train.eval_every=0",
-                f"run_dir={run}",
-            ]
-        )
-        == 0
-    )
+@pytest.fixture(scope="module")
+def two_step_run(pusht_zarr, tmp_path_factory) -> Path:
+    """One tiny finished run, shared by the tests that only read it."""
+    run = tmp_path_factory.mktemp("two_step") / "r"
+    args = [
+        f"task.dataset={pusht_zarr}",
+        *BASE,
+        "train.max_steps=2",
+        "train.eval_every=0",
+        f"run_dir={run}",
+    ]
+    assert main(["train", "smoke", *args]) == 0
+    return run
+
+
+def test_resume_refuses_schedule_changes(two_step_run, capsys):
+    run = two_step_run
     assert main(["train", "--resume", str(run), "train.lr=0.1"]) == 2
     assert "cannot override ['train.lr']" in capsys.readouterr().err
 
@@ -111,24 +112,10 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_interrupted_checkpoint_write_keeps_latest(pusht_zarr, tmp_path, monkeypatch):
+def test_interrupted_checkpoint_write_keeps_latest(two_step_run, tmp_path, monkeypatch):
     from diffusion_policy import checkpoint as ck
 
-    run = tmp_path / "r"
-    assert (
-        main(
-            [
-                "train",
-                "smoke",
-                f"task.dataset={pusht_zarr}",
-                *BASE,
-                "train.max_steps=2",
-                "train.eval_every=0",
-                f"run_dir={run}",
-            ]
-        )
-        == 0
-    )
+    run = two_step_run
     latest = (run / "checkpoints" / "latest").resolve()
     policy, cfg, meta = ck.load_policy(run)
 
