@@ -22,6 +22,7 @@ from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
 from diffusion_policy.chunking import ObsHistory, as_obs_dict
 from diffusion_policy.config import EvalConfig, TaskConfig
 from diffusion_policy.errors import UserError
+from diffusion_policy.sampling import add_sampler_arguments, apply_sampler_arguments
 
 
 class EvalError(UserError, RuntimeError):
@@ -304,10 +305,7 @@ def add_arguments(parser) -> None:
         action="store_true",
         help="step envs in-process (SyncVectorEnv) instead of worker processes",
     )
-    parser.add_argument(
-        "--sampler", choices=["ddpm", "ddim"], default=None, help="diffusion sampler override"
-    )
-    parser.add_argument("--inference-steps", type=int, default=None, help="sampler steps override")
+    add_sampler_arguments(parser)
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     parser.add_argument(
         "--out",
@@ -379,14 +377,12 @@ def run(args) -> int:
             if v is not None
         },
     )
-    if (
-        policy is not None
-        and hasattr(policy, "set_sampler")
-        and (args.sampler or args.inference_steps)
-    ):
-        policy.set_sampler(args.sampler, args.inference_steps)
-    if args.server and (args.sampler or args.inference_steps):
-        raise UserError("--sampler/--inference-steps apply in-process; pass them to `dp serve`")
+    if policy is not None:
+        apply_sampler_arguments(policy, args)
+    if args.server and (args.sampler or args.inference_steps or args.timestep_spacing):
+        raise UserError(
+            "--sampler/--inference-steps/--timestep-spacing apply in-process; pass them to `dp serve`"
+        )
     mode = ("realtime-" if args.realtime else "") + ("server" if args.server else "")
     out = (
         Path(args.out)

@@ -6,6 +6,7 @@ Sampling: start from noise and run a diffusers scheduler (DDPM or DDIM) loop wri
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ from diffusion_policy.errors import ConfigError
 from diffusion_policy.models.encoders import ObsEncoder
 from diffusion_policy.models.unet1d import ConditionalUnet1D
 from diffusion_policy.policies.base import Policy, PolicyConfig
+from diffusion_policy.sampling import BACKENDS, FastSampler
 
 
 @dataclass
@@ -32,6 +34,9 @@ class UnetConfig:
     cond_predict_scale: bool = True  # FiLM scale and bias (the paper), else bias only
 
 
+SPACINGS = ("leading", "trailing", "linspace")
+
+
 @dataclass
 class NoiseConfig:
     """The diffusion process; diffusers' schedulers implement it."""
@@ -42,6 +47,9 @@ class NoiseConfig:
     prediction_type: str = "epsilon"  # epsilon | sample
     sampler: str = "ddpm"  # ddpm | ddim
     num_inference_steps: int = 100
+    # which K of the T training timesteps a K-step sampler visits (diffusers' timestep_spacing):
+    # leading (the original code's: DDIM-10 starts at t=90), trailing (starts at t=T-1), linspace
+    timestep_spacing: str = "leading"
 
     def __post_init__(self) -> None:
         if self.prediction_type not in ("epsilon", "sample"):
@@ -50,6 +58,10 @@ class NoiseConfig:
             )
         if self.sampler not in ("ddpm", "ddim"):
             raise ConfigError(f"policy.noise.sampler={self.sampler!r}: expected ddpm or ddim")
+        if self.timestep_spacing not in SPACINGS:
+            raise ConfigError(
+                f"policy.noise.timestep_spacing={self.timestep_spacing!r}: expected one of {SPACINGS}"
+            )
         if not 1 <= self.num_inference_steps <= self.num_train_timesteps:
             raise ConfigError(
                 f"policy.noise.num_inference_steps={self.num_inference_steps}: must be in [1, num_train_timesteps={self.num_train_timesteps}]"
@@ -90,6 +102,7 @@ def make_scheduler(cfg: NoiseConfig, kind: str | None = None) -> DDPMScheduler |
         beta_schedule=cfg.beta_schedule,
         clip_sample=cfg.clip_sample,
         prediction_type=cfg.prediction_type,
+        timestep_spacing=cfg.timestep_spacing,
     )
     if kind == "ddpm":
         return DDPMScheduler(variance_type="fixed_small", **common)
@@ -98,6 +111,8 @@ def make_scheduler(cfg: NoiseConfig, kind: str | None = None) -> DDPMScheduler |
 
 class DiffusionPolicy(Policy):
     """Observation encoder + ConditionalUnet1D denoiser; actions normalised to [-1, 1]."""
+
+    graph_safe = True
 
     def __init__(self, config: DiffusionConfig, shape_meta: ShapeMeta):
         super().__init__(config, shape_meta)
@@ -114,18 +129,58 @@ class DiffusionPolicy(Policy):
         )
         self.noise_scheduler = make_scheduler(config.noise, "ddpm")  # training: the forward process
         self.sampler = make_scheduler(config.noise)
+        self.sampler_kind = config.noise.sampler
         self.num_inference_steps = config.noise.num_inference_steps
+        self.inference_backend = "eager"
+        self._fast: FastSampler | None = None
 
-    def set_sampler(self, kind: str | None = None, num_inference_steps: int | None = None) -> None:
-        """Switch the sampling scheduler (ddpm | ddim) or its step count, e.g. DDIM-10 for serving."""
-        if kind is not None:
-            self.sampler = make_scheduler(self.config.noise, kind)
-        if num_inference_steps is not None:
-            if not 1 <= num_inference_steps <= self.config.noise.num_train_timesteps:
+    def set_sampler(
+        self,
+        kind: str | None = None,
+        num_inference_steps: int | None = None,
+        timestep_spacing: str | None = None,
+    ) -> None:
+        """Switch the sampling scheduler (ddpm | ddim), its step count or spacing, e.g. DDIM-10 for serving."""
+        noise = self.config.noise
+        if timestep_spacing is not None:
+            if timestep_spacing not in SPACINGS:
                 raise ConfigError(
-                    f"num_inference_steps={num_inference_steps}: must be in [1, {self.config.noise.num_train_timesteps}]"
+                    f"timestep_spacing={timestep_spacing!r}: expected one of {SPACINGS}"
+                )
+            noise = dataclasses.replace(noise, timestep_spacing=timestep_spacing)
+            self.config.noise = noise
+        if kind is not None and kind not in ("ddpm", "ddim"):
+            raise ConfigError(f"sampler={kind!r}: expected ddpm or ddim")
+        self.sampler_kind = kind or self.sampler_kind
+        self.sampler = make_scheduler(noise, self.sampler_kind)
+        if num_inference_steps is not None:
+            if not 1 <= num_inference_steps <= noise.num_train_timesteps:
+                raise ConfigError(
+                    f"num_inference_steps={num_inference_steps}: must be in [1, {noise.num_train_timesteps}]"
                 )
             self.num_inference_steps = num_inference_steps
+        self._fast = None
+
+    def set_inference_backend(self, backend: str) -> None:
+        """How DDIM chunks are computed: eager (the reference diffusers loop) or a FastSampler backend
+
+        (fused | cpu | cuda_graph | auto; see diffusion_policy/sampling.py). DDPM always runs eager:
+        its per-step noise is drawn from the caller's generator.
+        """
+        if backend not in BACKENDS:
+            raise ConfigError(f"inference backend {backend!r}: expected one of {BACKENDS}")
+        if backend == "cuda_graph" and self.device.type != "cuda":
+            raise ConfigError("inference backend cuda_graph needs the policy on a CUDA device")
+        if backend == "cpu" and self.device.type != "cpu":
+            raise ConfigError(
+                f"inference backend cpu needs the policy on the CPU, not {self.device}"
+            )
+        self.inference_backend = backend
+        self._fast = None
+
+    def _apply(self, fn, recurse=True):  # .to()/.cuda()/.half(): cached samplers hold old tensors
+        self._fast = None
+        return super()._apply(fn, recurse)
 
     def global_cond(self, nobs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Normalised obs {key: (B, To, ...)} -> (B, To * Do), flattened time-major."""
@@ -192,10 +247,31 @@ class DiffusionPolicy(Policy):
         noise: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         obs = self.check_obs(obs)
-        cond = self.global_cond(self.normalize_obs(obs))
-        naction = self.conditional_sample(cond, generator=generator, noise=noise)
-        action_pred = self.normalizer.unnormalize("action", naction)
+        if self.inference_backend != "eager" and self.sampler_kind == "ddim":
+            action_pred = self._fast_sample(obs, generator, noise)
+        else:
+            cond = self.global_cond(self.normalize_obs(obs))
+            naction = self.conditional_sample(cond, generator=generator, noise=noise)
+            action_pred = self.normalizer.unnormalize("action", naction)
         return {
             "action": action_pred[:, self.executed_slice()],
             "action_pred": action_pred,
         }
+
+    def _fast_sample(
+        self,
+        obs: dict[str, torch.Tensor],
+        generator: torch.Generator | None,
+        noise: torch.Tensor | None,
+    ) -> torch.Tensor:
+        batch = next(iter(obs.values())).shape[0]
+        shape = (batch, self.config.horizon, self.shape_meta.action_dim)
+        if noise is None:  # the same draw as conditional_sample, so both paths agree
+            noise = torch.randn(
+                shape,
+                generator=generator,
+                device=generator.device if generator is not None else self.device,
+            )
+        if self._fast is None or self._fast.module.num_steps != self.num_inference_steps:
+            self._fast = FastSampler(self, self.num_inference_steps, self.inference_backend)
+        return self._fast(obs, noise.to(self.device, torch.float32))

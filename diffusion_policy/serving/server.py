@@ -47,6 +47,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from diffusion_policy.errors import UserError
+from diffusion_policy.sampling import add_sampler_arguments, apply_sampler_arguments
 from diffusion_policy.serving.protocol import (
     PROTOCOL_VERSION,
     RESERVED_KEYS,
@@ -246,14 +247,22 @@ class InferenceEngine:
             start += r.rows
         return results
 
-    def warmup(self, obs_meta: dict[str, dict[str, Any]]) -> float:
-        """One forward pass on zeros (first-call allocations, lazy init); returns its ms."""
-        obs = {k: np.zeros(v["shape"], dtype=v["dtype"]) for k, v in obs_meta.items()}
-        req = InferenceRequest({k: v[None] for k, v in obs.items()}, rows=1, batched=False, seed=0)
-        result = self.run([req])[0]
-        if isinstance(result, BaseException):
-            raise result
-        return result.infer_ms
+    def warmup(self, obs_meta: dict[str, dict[str, Any]], max_rows: int = 1) -> float:
+        """Forward passes on zeros (first-call allocations, lazy init); returns the batch-1 ms.
+
+        A compiled sampling backend (a traced CPU kernel or a CUDA graph) is built once per batch
+        size, so with one every size up to `max_rows` is built here rather than on a robot's request.
+        """
+        fast = getattr(self.policy, "inference_backend", "eager") != "eager" and self.deterministic
+        ms = None
+        for rows in range(1, (max_rows if fast else 1) + 1):
+            obs = {k: np.zeros((rows, *v["shape"]), dtype=v["dtype"]) for k, v in obs_meta.items()}
+            req = InferenceRequest(obs, rows=rows, batched=True, seed=0)
+            result = self.run([req])[0]
+            if isinstance(result, BaseException):
+                raise result
+            ms = result.infer_ms if ms is None else ms
+        return ms
 
 
 # --- batching and transport (event loop) ----------------------------------------------------------
@@ -434,7 +443,7 @@ class PolicyServer:
         self._stop = asyncio.Event()
         if self.config.warmup:
             ms = await self._loop.run_in_executor(
-                self._executor, self.engine.warmup, self.metadata["obs"]
+                self._executor, self.engine.warmup, self.metadata["obs"], self.config.max_batch
             )
             log.info("warmup forward pass: %.1f ms", ms)
         self._batcher = MicroBatcher(
@@ -568,12 +577,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="require 'Authorization: Api-Key TOKEN' (default: $DP_SERVE_TOKEN, else no token)",
     )
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    parser.add_argument(
-        "--sampler", choices=["ddpm", "ddim"], default=None, help="sampler override"
-    )
-    parser.add_argument(
-        "--inference-steps", type=int, default=None, help="sampler steps override (e.g. DDIM 10)"
-    )
+    add_sampler_arguments(parser)
     parser.add_argument("--max-batch", type=int, default=d.max_batch, help="rows per forward pass")
     parser.add_argument(
         "--batch-wait-ms",
@@ -631,8 +635,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     policy, cfg, meta = load_policy(args.checkpoint, device=args.device)
-    if hasattr(policy, "set_sampler") and (args.sampler or args.inference_steps):
-        policy.set_sampler(args.sampler, args.inference_steps)
+    apply_sampler_arguments(policy, args)
     config = ServeConfig(
         host=args.host,
         port=args.port,
