@@ -84,6 +84,10 @@ class TrainConfig:
     )
     grad_clip_norm: float | None = None
     amp: bool = False  # bf16 autocast of the training forward pass; weights and optimiser stay fp32
+    # capture the whole step (forward, backward, AdamW, EMA) in a CUDA graph and replay it:
+    # null = on where it applies (CUDA, one process, a graph_safe policy), else off
+    cuda_graph: bool | None = None
+    compile: bool = False  # torch.compile the denoiser (fused kernels; minutes of compiling first)
     use_ema: bool = True
     ema_power: float = 0.75
     ema_max_decay: float = 0.9999

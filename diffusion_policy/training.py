@@ -78,7 +78,8 @@ def pick_device(name: str, d: Dist) -> str:
             raise ConfigError(
                 f"train.device={name!r} but CUDA is not available (use train.device=cpu)"
             )
-        torch.cuda.set_device(torch.device(name))
+        index = torch.device(name).index
+        torch.cuda.set_device(index if index is not None else torch.cuda.current_device())
     return name
 
 
@@ -208,9 +209,13 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
         if cfg.train.max_steps is not None
         else cfg.train.num_epochs * steps_per_epoch
     )
+    use_graph = _use_cuda_graph(cfg, policy, device, d)
+    if cfg.train.compile:
+        policy.model.compile()  # in place: parameter names (and checkpoints) stay the same
     optimizer = torch.optim.AdamW(
-        policy.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas), eps=cfg.train.eps,
-        weight_decay=cfg.train.weight_decay, fused=device.startswith("cuda"),
+        policy.parameters(), lr=torch.tensor(cfg.train.lr, device=device) if use_graph else cfg.train.lr,
+        betas=tuple(cfg.train.betas), eps=cfg.train.eps, weight_decay=cfg.train.weight_decay,
+        fused=device.startswith("cuda"), capturable=use_graph,
     )  # fmt: skip
     from diffusers.optimization import get_scheduler
 
@@ -220,6 +225,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
         num_warmup_steps=cfg.train.lr_warmup_steps,
         num_training_steps=total_steps,
     )
+    lr_sched.base_lrs = [float(x) for x in lr_sched.base_lrs]  # floats even where lr is a tensor
 
     step, best = 0, []
     if resume:
@@ -232,7 +238,9 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
     if d.main:
         n_params = sum(q.numel() for q in policy.parameters())
         print(f"run {run_dir} | {p.name} {n_params / 1e6:.2f} M params | {len(train_ds)} train windows | "
-              f"{steps_per_epoch} steps/epoch | {total_steps} steps | device {device} x{d.world}")  # fmt: skip
+              f"{steps_per_epoch} steps/epoch | {total_steps} steps | device {device} x{d.world}"
+              f"{' | CUDA graph' if use_graph else ''}{' | compiled' if cfg.train.compile else ''}")  # fmt: skip
+    graphed = None
 
     def checkpoint(tag: str, metrics: dict[str, Any] | None = None) -> Path | None:
         if not d.main:
@@ -321,16 +329,28 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
             batch = train_ds.get_batch(idx)
             batch = {k: _to(v, device) for k, v in batch.items()}
             batch.update(_training_noise(policy, global_batch, step, cfg.train.seed, d, device))
-            with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=cfg.train.amp):
-                loss = model(batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.train.grad_clip_norm:
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.train.grad_clip_norm)
-            optimizer.step()
-            lr_sched.step()
-            if ema:
-                ema.step(policy)
+            if use_graph:
+                if graphed is None:
+                    from diffusion_policy.train_graph import GraphedTrainStep
+
+                    graphed = GraphedTrainStep(
+                        policy, optimizer, ema, batch, cfg.train.amp, cfg.train.grad_clip_norm
+                    )
+                loss = graphed(batch, ema.next_decay() if ema else 0.0)
+                lr_sched.step()
+            else:
+                with torch.autocast(
+                    torch.device(device).type, torch.bfloat16, enabled=cfg.train.amp
+                ):
+                    loss = model(batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.train.grad_clip_norm:
+                    torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.train.grad_clip_norm)
+                optimizer.step()
+                lr_sched.step()
+                if ema:
+                    ema.step(policy)
             step += 1
             loss_acc += loss.detach()
             n_acc += 1
@@ -339,7 +359,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
             if step % cfg.train.log_every == 0 or step == total_steps:
                 mean_loss = float(loss_acc) / n_acc
                 loss_acc, n_acc = 0.0, 0
-                lr = lr_sched.get_last_lr()[0]
+                lr = float(lr_sched.get_last_lr()[0])
                 if bar:
                     bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
                 log.log(step, {"train/loss": mean_loss, "train/lr": lr, "train/epoch": step / steps_per_epoch,
@@ -386,6 +406,23 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
             f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min; checkpoint {run_dir / 'checkpoints' / 'latest'}"
         )
     return run_dir
+
+
+def _use_cuda_graph(cfg: Config, policy, device: str, d: Dist) -> bool:
+    """train.cuda_graph: null = on where it applies; true insists (an error says why it can't)."""
+    from diffusion_policy.train_graph import graph_unsupported_reason
+
+    want = cfg.train.cuda_graph
+    if want is False:
+        return False
+    reason = (
+        "it needs CUDA" if not device.startswith("cuda")
+        else "it is not combined with multi-process (torchrun) training" if d.world > 1
+        else graph_unsupported_reason(policy)
+    )  # fmt: skip
+    if reason and want:
+        raise ConfigError(f"train.cuda_graph=true but the step cannot be graphed: {reason}")
+    return reason is None
 
 
 def _to(v: Any, device: str) -> Any:
@@ -449,6 +486,13 @@ def restore(run_dir: Path, cfg: Config, policy, ema, optimizer, lr_sched) -> tup
     state = torch.load(ckpt / "train_state" / "state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     lr_sched.load_state_dict(state["lr_scheduler"])
+    # a run may resume with or without a CUDA graph, which keeps the lr as a device tensor
+    graphed = optimizer.defaults.get("capturable", False)
+    for g in optimizer.param_groups:
+        lr = float(g["lr"])
+        g["lr"] = torch.tensor(lr, device=g["params"][0].device) if graphed else lr
+        g["initial_lr"] = float(g.get("initial_lr", lr))
+    lr_sched.base_lrs = [float(x) for x in lr_sched.base_lrs]
     if ema is not None:
         ema.load_state_dict(state["ema"])
     torch.set_rng_state(state["torch_rng"])

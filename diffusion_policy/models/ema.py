@@ -39,9 +39,19 @@ class EMAModel:
         value = 1 - (1 + k / self.inv_gamma) ** -self.power
         return max(self.min_decay, min(value, self.max_decay))
 
+    def next_decay(self) -> float:
+        """Advance the schedule by one step and return that step's decay."""
+        self.decay = self.get_decay(self.optimization_step)
+        self.optimization_step += 1
+        return self.decay
+
     @torch.no_grad()
     def step(self, model: nn.Module) -> None:
-        self.decay = self.get_decay(self.optimization_step)
+        self.apply(model, 1.0 - self.next_decay())
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module, weight: float | torch.Tensor) -> None:
+        """ema += weight * (param - ema); weight may be a device tensor (a CUDA graph reads it)."""
         ema_params, params = [], []
         for ema_p, p in zip(self.model.parameters(), model.parameters()):
             if p.requires_grad:
@@ -51,10 +61,14 @@ class EMAModel:
                 ema_p.copy_(p)
         if ema_params:
             # one fused multi-tensor op instead of a Python loop over ~100 parameters
-            torch._foreach_lerp_(ema_params, params, 1.0 - self.decay)
+            if isinstance(weight, torch.Tensor):  # lerp's weight is a Scalar: it would sync
+                diff = torch._foreach_sub(params, ema_params)
+                torch._foreach_mul_(diff, weight)
+                torch._foreach_add_(ema_params, diff)
+            else:
+                torch._foreach_lerp_(ema_params, params, weight)
         for ema_b, b in zip(self.model.buffers(), model.buffers()):
             ema_b.copy_(b)
-        self.optimization_step += 1
 
     def state_dict(self) -> dict:
         return {"optimization_step": self.optimization_step, "decay": self.decay}

@@ -45,6 +45,13 @@ class LinearNormalizer(nn.Module):
             ):
                 self.register_buffer(self._name(key, stat), torch.full((d,), fill))
             self.register_buffer(self._name(key, "fitted"), torch.zeros((), dtype=torch.bool))
+        # keys known to be fitted: reading the flag on a GPU is a host sync (and illegal inside a
+        # CUDA graph), so each key's flag is read once and remembered
+        self._fitted_keys: set[str] = set()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._fitted_keys = set()  # new statistics: read the flags again
+        return super()._load_from_state_dict(*args, **kwargs)
 
     @staticmethod
     def _name(key: str, stat: str) -> str:
@@ -53,8 +60,10 @@ class LinearNormalizer(nn.Module):
     def _get(self, key: str, stat: str) -> torch.Tensor:
         if key not in self.dims:
             raise NormalizerError(f"normaliser has no key {key!r} (known: {sorted(self.dims)})")
-        if not bool(getattr(self, self._name(key, "fitted"))):
-            raise NormalizerError(f"normaliser key {key!r} was never fitted")
+        if key not in self._fitted_keys:
+            if not bool(getattr(self, self._name(key, "fitted"))):
+                raise NormalizerError(f"normaliser key {key!r} was never fitted")
+            self._fitted_keys.add(key)
         return getattr(self, self._name(key, stat))
 
     def fit(

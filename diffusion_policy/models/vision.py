@@ -190,11 +190,15 @@ class CropRandomizer(nn.Module):
         super().__init__()
         self.crop_shape = (int(crop_shape[0]), int(crop_shape[1]))
         self.generator: torch.Generator | None = None  # None: torch's default CPU generator
+        # set by a CUDA-graphed training step, which draws the offsets outside the graph
+        self.graph_offsets: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, hh, ww, _ = x.shape
         if not self.training or (hh, ww) == self.crop_shape:
             return center_crop(x, self.crop_shape)
+        if self.graph_offsets is not None:
+            return crop_images(x, self.graph_offsets, self.crop_shape)
         offsets = crop_offsets(n, (hh, ww), self.crop_shape, True, x.device, self.generator)
         return crop_images(x, offsets, self.crop_shape)
 

@@ -82,6 +82,11 @@ class Policy(nn.Module, ABC):
     ) -> dict[str, torch.Tensor]:
         """obs {key: (B, To, ...)} raw -> {"action": (B, Ta, Da), "action_pred": (B, T, Da)} raw units."""
 
+    # True when compute_loss has no host synchronisation, no data-dependent Python control flow and
+    # takes all its randomness from the batch (sample_training_noise): then the trainer may capture
+    # the training step in a CUDA graph (diffusion_policy/train_graph.py).
+    graph_safe: bool = False
+
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         """The training loss, so DistributedDataParallel can wrap the policy."""
         return self.compute_loss(batch)
