@@ -23,6 +23,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "diffusion_policy.serving.server",
         "serve a checkpoint to robot controllers over websockets",
     ),
+    "distill": (
+        "diffusion_policy.distill",
+        "distill a trained diffusion policy into a 1- or 2-step sampler",
+    ),
+    "export": (
+        "diffusion_policy.export",
+        "export a diffusion policy's sampling loop as one ONNX or TorchScript file",
+    ),
     "sim": ("diffusion_policy.sim_cli", "replay, render or play Push-T episodes"),
     "quickstart": ("diffusion_policy.quickstart", "get data, train the CPU preset and evaluate it"),
 }
