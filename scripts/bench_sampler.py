@@ -9,6 +9,7 @@ sweep can be stopped and resumed, and the table re-printed with --table-only.
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_sampler.py runs/X/checkpoints/latest \
         --rows ddpm:100 ddim:100 ddim:16 ddim:10 ddim:8 ddim:4 ddim:2 ddim:1 --spacings leading trailing
     .venv/bin/python scripts/bench_sampler.py CKPT --rows ddim:2 --spacings trailing --latency-only
+    .venv/bin/python scripts/bench_sampler.py CKPT ... --latency-only --remeasure   # on a quiet machine
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def main() -> int:
     ap.add_argument("--out", default="runs/bench_sampler")
     ap.add_argument("--latency-only", action="store_true")
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--remeasure", action="store_true", help="time the cached rows' latency again")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     out = Path(args.out)
@@ -90,7 +92,7 @@ def main() -> int:
                     row.update(
                         score=m["mean_score"], ci95=m["mean_score_ci95"], success=m["success_rate"]
                     )
-                if not args.table_only and "latency_ms" not in row:
+                if not args.table_only and ("latency_ms" not in row or args.remeasure):
                     p50, p90 = chunk_latency(ckpt, sampler, int(steps), spacing, args.backend, args.device, args.repeats)  # fmt: skip
                     row.update(latency_ms=p50, latency_p90_ms=p90, backend=args.backend, device=args.device,
                                load=os.getloadavg()[0])  # fmt: skip
