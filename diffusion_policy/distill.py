@@ -45,22 +45,14 @@ from diffusion_policy.checkpoint import load_policy, point_symlink, save_checkpo
 from diffusion_policy.data.datasets import make_pusht_datasets
 from diffusion_policy.errors import ConfigError, DataError
 from diffusion_policy.models.ema import EMAModel
-from diffusion_policy.sampling import DDIMSampler, ddim_step, ddim_table
+from diffusion_policy.sampling import DDIMSampler, ddim_table
 from diffusion_policy.training import Dist, batch_indices
 
 
 def student_chunk(policy, table, obs: dict[str, torch.Tensor], noise: torch.Tensor) -> torch.Tensor:
     """The student's K-step DDIM chunk in normalised units, differentiable through every step."""
-    cond = policy.global_cond(policy.normalize_obs(obs))
-    x = noise
-    for k in range(len(table.timesteps)):
-        t = table.timesteps[k].to(noise.device)
-        out = policy.model(x, t, cond)
-        x = ddim_step(
-            x, out, table.sqrt_a[k], table.sqrt_1ma[k], table.sqrt_a_prev[k],
-            table.sqrt_1ma_prev[k], table.clip, table.prediction_type,
-        )  # fmt: skip
-    return x
+    net = DDIMSampler(policy, len(table.timesteps), table=table)
+    return net.denoise(*[obs[k] for k in net.keys], noise)
 
 
 def distill(
@@ -105,6 +97,7 @@ def distill(
     student.set_sampler("ddim", steps, "trailing")
     student.train()
     table = dataclasses.replace(ddim_table(student.sampler, steps), clip=None)
+    student_net = DDIMSampler(student, steps, table=table)  # trained through, step by step
     ema = EMAModel(student)
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=1e-6)
     from diffusers.optimization import get_scheduler
@@ -137,7 +130,7 @@ def distill(
     for step in range(train_steps):
         j = batch_indices(pool_size, batch_size, step, seed, Dist(), device)
         obs = train_ds.get_batch(pool_idx[j])["obs"]
-        pred = student_chunk(student, table, obs, pool_noise[j])
+        pred = student_net.denoise(*[obs[k] for k in student_net.keys], pool_noise[j])
         loss = torch.nn.functional.mse_loss(pred, pool_target[j])
         opt.zero_grad(set_to_none=True)
         loss.backward()

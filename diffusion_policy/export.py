@@ -170,29 +170,6 @@ def random_inputs(policy, batch: int, seed: int = 0) -> list[torch.Tensor]:
 
 
 @contextmanager
-def fitted_checks_hoisted(normalizer) -> Iterator[None]:
-    """Check which normaliser keys are fitted once, here, instead of at every lookup in the graph.
-
-    LinearNormalizer._get reads a bool buffer on each call: torch.export cannot branch on tensor
-    data, and a trace would freeze the answer anyway. While exporting, fitted keys are plain buffer
-    reads; any other key still raises the normaliser's own error.
-    """
-    original = normalizer._get
-    fitted = {k for k in normalizer.dims if normalizer.is_fitted(k)}
-
-    def get(key: str, stat: str) -> torch.Tensor:
-        if key not in fitted:
-            return original(key, stat)
-        return getattr(normalizer, normalizer._name(key, stat))
-
-    normalizer._get = get
-    try:
-        yield
-    finally:
-        del normalizer._get
-
-
-@contextmanager
 def quiet_exporters() -> Iterator[None]:
     """Silence the exporters' warnings (tracer notes on constant Python floats, deprecations) and
     the dynamo exporter's log notes about optional torchvision ops."""
@@ -248,7 +225,11 @@ def export_policy(
     example = tuple(random_inputs(policy, batch_size or 2))  # 2: not a size a tracer specialises
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        with torch.no_grad(), fitted_checks_hoisted(policy.normalizer), quiet_exporters():
+        # is_fitted reads each key's flag once and remembers it: afterwards normalize() has no
+        # branch on tensor data for torch.export to trip over (an unfitted key still raises)
+        for key in policy.normalizer.dims:
+            policy.normalizer.is_fitted(key)
+        with torch.no_grad(), quiet_exporters():
             if fmt == "torchscript":
                 traced = torch.jit.trace(module, example, check_trace=False)
                 torch.jit.save(traced, str(tmp))

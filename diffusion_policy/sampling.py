@@ -95,12 +95,18 @@ class DDIMSampler(nn.Module):
     Shares the policy's weights (nothing is copied), so it stays correct while they train.
     """
 
-    def __init__(self, policy, num_steps: int, packed: PackedUnet | None = None):
+    def __init__(
+        self,
+        policy,
+        num_steps: int,
+        packed: PackedUnet | None = None,
+        table: DDIMTable | None = None,
+    ):
         super().__init__()
         self.policy = policy
         self.packed = packed
         self.keys = list(policy.shape_meta.obs)
-        self.table = ddim_table(policy.sampler, num_steps)
+        self.table = table if table is not None else ddim_table(policy.sampler, num_steps)
         self.num_steps = num_steps
         dev = policy.device
         self.register_buffer("timesteps", self.table.timesteps.to(dev), persistent=False)
@@ -116,6 +122,10 @@ class DDIMSampler(nn.Module):
         ]
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.policy.normalizer.unnormalize("action", self.denoise(*args))
+
+    def denoise(self, *args: torch.Tensor) -> torch.Tensor:
+        """The K-step chunk in normalised units; differentiable (dp distill trains through it)."""
         *obs_list, noise = args
         p = self.policy
         obs = dict(zip(self.keys, obs_list, strict=True))
@@ -127,7 +137,7 @@ class DDIMSampler(nn.Module):
         for k in range(self.num_steps):
             out = net.forward_film(x, [f[k] for f in films])
             x = ddim_step(x, out, *self.coef[k], self.table.clip, self.table.prediction_type)
-        return p.normalizer.unnormalize("action", x)
+        return x
 
 
 class FastSampler:

@@ -99,7 +99,7 @@ class GraphedTrainStep:
     def _fill_crops(self) -> None:
         """Draw this step's crop offsets on the CPU, exactly as the eager encoder would."""
         for i, (m, buf) in enumerate(self.crops):
-            x = _find_images(self.batch, m)
+            x = _find_images(self.batch)
             if x is None:
                 continue
             n, hh, ww = x
@@ -173,7 +173,7 @@ def graph_unsupported_reason(policy: nn.Module) -> str | None:
     return None
 
 
-def _find_images(batch: dict[str, Any], crop: CropRandomizer) -> tuple[int, int, int] | None:
+def _find_images(batch: dict[str, Any]) -> tuple[int, int, int] | None:
     """(N, H, W) of the frames `crop` sees: the (B, To, H, W, C) camera in the batch, flattened."""
     for v in batch.get("obs", {}).values():
         if isinstance(v, torch.Tensor) and v.ndim == 5:

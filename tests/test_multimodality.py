@@ -90,14 +90,17 @@ def test_both_models_trained(data, diffusion, mse):
     assert np.mean(mse_losses[:10]) > 1.3 * floor
 
 
-def test_diffusion_policy_samples_both_modes(task, diffusion):
-    policy, _ = diffusion
+def _assert_samples_both_modes(task, policy) -> None:
     actions = policy_sampler(policy)(N_SAMPLES, torch.Generator().manual_seed(0))
     assert actions.shape == (N_SAMPLES, task.horizon, 2)
     fr = task.mode_fractions(actions)
     assert 0.25 <= fr["left"] <= 0.75, fr
     assert 0.25 <= fr["right"] <= 0.75, fr
     assert fr["neither"] <= 0.05, fr
+
+
+def test_diffusion_policy_samples_both_modes(task, diffusion):
+    _assert_samples_both_modes(task, diffusion[0])
 
 
 def test_diffusion_sampling_is_seeded(diffusion):
@@ -125,12 +128,6 @@ def test_mse_regressor_predicts_the_average(task, data, mse):
 
 def test_implicit_bc_keeps_both_modes(task, ibc, mse):
     """An energy model with Langevin sampling also keeps both modes, where MSE lands in between."""
-    policy, _ = ibc
-    actions = policy_sampler(policy)(N_SAMPLES, torch.Generator().manual_seed(0))
-    assert actions.shape == (N_SAMPLES, task.horizon, 2)
-    fr = task.mode_fractions(actions)
-    assert 0.25 <= fr["left"] <= 0.75, fr
-    assert 0.25 <= fr["right"] <= 0.75, fr
-    assert fr["neither"] <= 0.05, fr
+    _assert_samples_both_modes(task, ibc[0])
     regressed = policy_sampler(mse[0])(4, torch.Generator().manual_seed(0))
     assert task.mode_fractions(regressed)["neither"] == 1.0

@@ -60,10 +60,8 @@ class LinearNormalizer(nn.Module):
     def _get(self, key: str, stat: str) -> torch.Tensor:
         if key not in self.dims:
             raise NormalizerError(f"normaliser has no key {key!r} (known: {sorted(self.dims)})")
-        if key not in self._fitted_keys:
-            if not bool(getattr(self, self._name(key, "fitted"))):
-                raise NormalizerError(f"normaliser key {key!r} was never fitted")
-            self._fitted_keys.add(key)
+        if not self.is_fitted(key):
+            raise NormalizerError(f"normaliser key {key!r} was never fitted")
         return getattr(self, self._name(key, stat))
 
     def fit(
@@ -130,4 +128,11 @@ class LinearNormalizer(nn.Module):
         return {s: self._get(key, s) for s in ("min", "max", "mean", "std")}
 
     def is_fitted(self, key: str) -> bool:
-        return key in self.dims and bool(getattr(self, self._name(key, "fitted")))
+        """Reads the key's flag once; later calls (and _get) answer from Python, so a trace or an
+        export of normalize() contains no data-dependent branch."""
+        if key in self._fitted_keys:
+            return True
+        if key in self.dims and bool(getattr(self, self._name(key, "fitted"))):
+            self._fitted_keys.add(key)
+            return True
+        return False
