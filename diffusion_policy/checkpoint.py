@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffusion_policy.config import Config, config_from_yaml, config_to_yaml
-from diffusion_policy.data.datasets import ShapeMeta
 from diffusion_policy.errors import CheckpointError, UserError
+from diffusion_policy.shapes import ShapeMeta
 
 FORMAT_VERSION = 1
 

@@ -28,7 +28,7 @@ from diffusion_policy.config import load_config
 from diffusion_policy.data.datasets import PushTDataset, make_pusht_datasets
 from diffusion_policy.models.ema import EMAModel
 from diffusion_policy.registry import policy_class
-from diffusion_policy.training import Dist, batch_indices, step_generator
+from diffusion_policy.training.loop import Dist, batch_indices, step_generator
 
 DEFAULT_PATH = "../shared/data/pusht/pusht_cchi_v7_replay.zarr"
 PRESETS = ["pusht_diffusion_image_cpu", "pusht_diffusion_image"]

@@ -280,7 +280,7 @@ class OursTrain:
 
         from diffusion_policy.models.ema import EMAModel
         from diffusion_policy.registry import policy_class
-        from diffusion_policy.training import Dist, batch_indices, step_generator
+        from diffusion_policy.training.loop import Dist, batch_indices, step_generator
 
         self.cfg, self.ds, self.steps, self.i = cfg, ds, steps, 0
         self.batch_indices, self.step_generator, self.dist = batch_indices, step_generator, Dist()
@@ -346,7 +346,7 @@ class OursSample:
     def __init__(
         self, cfg, ds, obs: dict[str, np.ndarray], calls: int, warmup: int, backend: str = "auto"
     ):
-        from diffusion_policy.evaluation import Actor
+        from diffusion_policy.evaluation.rollout import Actor
         from diffusion_policy.registry import policy_class
 
         torch.manual_seed(0)

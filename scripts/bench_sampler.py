@@ -84,7 +84,7 @@ def main() -> int:
                 row.update(ckpt=ckpt, sampler=sampler, steps=int(steps), spacing=spacing)
                 if not args.table_only and "score" not in row and not args.latency_only:
                     ev = out / name
-                    cmd = [sys.executable, "-m", "diffusion_policy.cli", "eval", ckpt, "--sampler", sampler,
+                    cmd = [sys.executable, "-m", "diffusion_policy.cli.main", "eval", ckpt, "--sampler", sampler,
                            "--inference-steps", steps, "--timestep-spacing", spacing, "--backend", args.backend,
                            "--episodes", str(args.episodes), "--videos", "0", "--device", args.device, "--out", str(ev)]  # fmt: skip
                     subprocess.run(cmd, check=True)

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from diffusion_policy.config import load_config
-from diffusion_policy.training import train
+from diffusion_policy.training.loop import train
 
 DEFAULT_DATA = "../shared/data/pusht/pusht_cchi_v7_replay.zarr"
 

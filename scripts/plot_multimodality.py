@@ -10,6 +10,7 @@ same `train_toy` loop.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,7 +22,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from diffusion_policy.policies.base import Policy  # noqa: E402
-from diffusion_policy.toy import (  # noqa: E402
+
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1] / "tests")
+)  # the toy task is a test fixture
+from toy import (  # noqa: E402
     ActionSampler,
     BimodalTask,
     ToyTrainConfig,

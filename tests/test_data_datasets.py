@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_policy.data.datasets import OBS_TYPES, PushTDataset, ShapeMeta, make_pusht_datasets
+from diffusion_policy.data.datasets import OBS_TYPES, PushTDataset, make_pusht_datasets
 from diffusion_policy.data.replay_buffer import ReplayBuffer
 from diffusion_policy.errors import DataError
+from diffusion_policy.shapes import ShapeMeta
 
 LENGTHS = (12, 9, 20, 15, 10)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffusion_policy.cli import main
+from diffusion_policy.cli.main import main
 from diffusion_policy.data.fetch import buffer_digests, fetch, load_manifest, make_manifest
 from diffusion_policy.data.replay_buffer import ReplayBuffer
 from diffusion_policy.errors import DataError

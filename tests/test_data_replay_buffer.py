@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import zarr
 
-from diffusion_policy.cli import main
+from diffusion_policy.cli.main import main
 from diffusion_policy.data.replay_buffer import ReplayBuffer, get_optimal_chunks, validate
 from diffusion_policy.errors import DataError
 

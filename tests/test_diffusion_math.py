@@ -17,7 +17,6 @@ import torch
 from diffusers import DDPMScheduler
 from torch import nn
 
-from diffusion_policy.data.datasets import ObsSpec, ShapeMeta
 from diffusion_policy.policies.diffusion import (
     DiffusionConfig,
     DiffusionPolicy,
@@ -25,6 +24,7 @@ from diffusion_policy.policies.diffusion import (
     UnetConfig,
     make_scheduler,
 )
+from diffusion_policy.shapes import ObsSpec, ShapeMeta
 
 K = 100
 

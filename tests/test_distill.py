@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from diffusion_policy.checkpoint import load_policy
-from diffusion_policy.cli import main
-from diffusion_policy.distill import distill, student_chunk
-from diffusion_policy.sampling import ddim_table
+from diffusion_policy.cli.main import main
+from diffusion_policy.policies.diffusion_sampling import ddim_table
+from diffusion_policy.training.distill import distill, student_chunk
 
 BASE = ["train.progress=false", "wandb.mode=disabled", "eval.n_videos=0", "train.final_eval=false"]
 

@@ -306,7 +306,7 @@ def test_keypoints_match_recorded_keypoints(demos):
 
 @pytest.mark.real_data
 def test_dp_sim_replay_and_render(pusht_zarr, tmp_path, capsys):
-    from diffusion_policy.cli import main
+    from diffusion_policy.cli.main import main
 
     assert main(["sim", "replay", str(pusht_zarr), "--episodes", "0-2"]) == 0
     out = capsys.readouterr().out
@@ -323,7 +323,7 @@ def test_dp_sim_replay_and_render(pusht_zarr, tmp_path, capsys):
 
 @pytest.mark.real_data
 def test_dp_sim_bad_input_is_one_line_error(pusht_zarr, tmp_path, capsys):
-    from diffusion_policy.cli import main
+    from diffusion_policy.cli.main import main
 
     assert main(["sim", "replay", str(tmp_path / "missing.zarr")]) == 2
     assert "no Push-T store" in capsys.readouterr().err
@@ -339,7 +339,7 @@ def test_dp_sim_bad_input_is_one_line_error(pusht_zarr, tmp_path, capsys):
 
 
 def test_dp_sim_play_smoke(capsys):
-    from diffusion_policy.cli import main
+    from diffusion_policy.cli.main import main
 
     assert main(["sim", "play", "--seed", "3", "--max-steps", "2"]) == 0
     assert "seed 3" in capsys.readouterr().out

@@ -11,7 +11,7 @@ import pytest
 import envs  # noqa: F401
 from diffusion_policy.chunking import ObsHistory
 from diffusion_policy.config import EvalConfig, TaskConfig
-from diffusion_policy.evaluation import EvalError, evaluate, summarize
+from diffusion_policy.evaluation.rollout import EvalError, evaluate, summarize
 from envs.pusht import PushTEnv
 
 
@@ -127,7 +127,7 @@ def test_summary_statistics():
 def test_crashed_env_worker_is_reported_not_waited_on(mode):
     task = TaskConfig(env_id="CrashingPushT-v0", obs_type="keypoints")
     cfg = EvalConfig(n_episodes=2, max_steps=20, vector="async", n_videos=0, worker_timeout_s=20)
-    import diffusion_policy.evaluation as ev
+    import diffusion_policy.evaluation.rollout as ev
 
     orig = ev.make_env
 

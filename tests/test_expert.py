@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from diffusion_policy.cli import main
+from diffusion_policy.cli.main import main
 from diffusion_policy.data.expert import ExpertConfig, generate, run_episode
 from diffusion_policy.data.replay_buffer import ReplayBuffer, validate
 from diffusion_policy.errors import DataError, UserError

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from diffusion_policy.checkpoint import save_checkpoint
-from diffusion_policy.cli import main
+from diffusion_policy.cli.main import main
 from diffusion_policy.config import Config
-from diffusion_policy.data.datasets import ObsSpec, ShapeMeta
 from diffusion_policy.export import ExportError, check_export, export_policy
 from diffusion_policy.models.encoders import EncoderConfig
 from diffusion_policy.policies.diffusion import DiffusionConfig, DiffusionPolicy
 from diffusion_policy.policies.ibc import IBCConfig, IBCPolicy
+from diffusion_policy.shapes import ObsSpec, ShapeMeta
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ort = pytest.importorskip("onnxruntime")

@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from diffusion_policy.checkpoint import load_policy, save_checkpoint
-from diffusion_policy.cli import main as dp_main
+from diffusion_policy.cli.main import main as dp_main
 from diffusion_policy.config import config_from_nodes, load_config
-from diffusion_policy.data.datasets import ObsSpec, ShapeMeta
 from diffusion_policy.errors import ConfigError
 from diffusion_policy.policies.ibc import (
     DFOConfig,
@@ -24,6 +23,7 @@ from diffusion_policy.policies.ibc import (
     langevin_optimize,
     uniform_candidates,
 )
+from diffusion_policy.shapes import ObsSpec, ShapeMeta
 
 LOW, HIGH = -torch.ones(2), torch.ones(2)
 CENTRE = torch.tensor([0.3, -0.5])

@@ -12,8 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from diffusion_policy.toy import (
+from toy import (
     BimodalTask,
     ToyTrainConfig,
     count_parameters,

@@ -8,9 +8,9 @@ import torch
 
 from diffusion_policy.checkpoint import load_policy, save_checkpoint
 from diffusion_policy.config import Config
-from diffusion_policy.data.datasets import ObsSpec, ShapeMeta
 from diffusion_policy.errors import CheckpointError, ObservationError
 from diffusion_policy.registry import POLICIES
+from diffusion_policy.shapes import ObsSpec, ShapeMeta
 
 SHAPE_META = ShapeMeta(obs={"keypoints": ObsSpec((20,), "float32", "low_dim")}, action_dim=2)
 

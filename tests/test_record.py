@@ -6,7 +6,7 @@ import numpy as np
 import pygame
 import pytest
 
-from diffusion_policy.cli import main
+from diffusion_policy.cli.main import main
 from diffusion_policy.data.expert import PushTExpert
 from diffusion_policy.data.record import record
 from diffusion_policy.data.replay_buffer import ReplayBuffer, validate

@@ -8,12 +8,13 @@ import torch
 from torch import nn
 
 from diffusion_policy.config import load_config
-from diffusion_policy.data.datasets import ObsSpec, ShapeMeta
 from diffusion_policy.errors import ConfigError
+from diffusion_policy.models.packed_unet import PackedUnet
 from diffusion_policy.models.unet1d import ConditionalUnet1D
 from diffusion_policy.policies.diffusion import make_scheduler
+from diffusion_policy.policies.diffusion_sampling import ddim_step, ddim_table
 from diffusion_policy.registry import policy_class
-from diffusion_policy.sampling import PackedUnet, ddim_step, ddim_table
+from diffusion_policy.shapes import ObsSpec, ShapeMeta
 
 STATE = ShapeMeta(obs={"keypoints": ObsSpec((20,), "float32", "low_dim")}, action_dim=2)
 IMAGE = ShapeMeta(

@@ -60,7 +60,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, pusht_zarr) -> Path:
-    from diffusion_policy.cli import main
+    from diffusion_policy.cli.main import main
 
     run_dir = tmp_path_factory.mktemp("serving") / "run"
     args = [f"task.dataset={pusht_zarr}", f"run_dir={run_dir}", "wandb.mode=disabled"]
@@ -501,7 +501,7 @@ def test_eval_through_the_server_equals_in_process_per_seed(server, ref_policy, 
     from dataclasses import replace
 
     from diffusion_policy.checkpoint import read_checkpoint_meta
-    from diffusion_policy.evaluation import evaluate
+    from diffusion_policy.evaluation.rollout import evaluate
 
     _, cfg, _ = read_checkpoint_meta(ckpt)
     ecfg = replace(cfg.eval, n_episodes=2, max_steps=12, n_envs=2, vector="sync", n_videos=0)
@@ -512,7 +512,7 @@ def test_eval_through_the_server_equals_in_process_per_seed(server, ref_policy, 
 
 
 def test_dp_eval_cli_with_server_and_realtime(server, ckpt, tmp_path) -> None:
-    from diffusion_policy.cli import main
+    from diffusion_policy.cli.main import main
 
     out = tmp_path / "rt"
     args = ["eval", str(ckpt), "--server", server.url, "--realtime", "--episodes", "2"]
@@ -574,7 +574,7 @@ def test_dp_serve_command_serves_and_stops_on_sigterm(ckpt) -> None:
 
 
 def test_dp_serve_rejects_bad_arguments_in_one_line(ckpt, capsys) -> None:
-    from diffusion_policy.cli import main
+    from diffusion_policy.cli.main import main
 
     assert main(["serve", str(ckpt), "--max-batch", "0"]) == 2
     assert "--max-batch=0" in capsys.readouterr().err

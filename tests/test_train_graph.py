@@ -15,7 +15,7 @@ import torch
 from diffusion_policy.config import load_config
 from diffusion_policy.errors import ConfigError
 from diffusion_policy.models.ema import EMAModel
-from diffusion_policy.training import Dist, _use_cuda_graph, train
+from diffusion_policy.training.loop import Dist, _use_cuda_graph, train
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -53,7 +53,7 @@ def test_graph_selection():
 
 
 def _meta():
-    from diffusion_policy.data.datasets import ObsSpec, ShapeMeta
+    from diffusion_policy.shapes import ObsSpec, ShapeMeta
 
     return ShapeMeta(obs={"keypoints": ObsSpec((20,), "float32", "low_dim")}, action_dim=2)
 
@@ -133,9 +133,9 @@ def test_graphed_step_logic_on_cpu_equals_eager(monkeypatch, image, one_thread):
     buffers: checked on the CPU with the graph faked, so a GPU-less CI still exercises them."""
     import contextlib
 
-    from diffusion_policy.data.datasets import ObsSpec, ShapeMeta
     from diffusion_policy.registry import policy_class
-    from diffusion_policy.train_graph import GraphedTrainStep
+    from diffusion_policy.shapes import ObsSpec, ShapeMeta
+    from diffusion_policy.training.graph import GraphedTrainStep
 
     monkeypatch.setattr(torch.cuda, "Stream", lambda: _FakeStream())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda: _FakeStream())

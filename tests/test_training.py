@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusion_policy.cli import main
+from diffusion_policy.cli.main import main
 from diffusion_policy.errors import CheckpointError
 
 pytestmark = pytest.mark.real_data
@@ -157,7 +157,7 @@ def test_ddp_two_ranks_match_one_rank_with_double_batch(pusht_zarr, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-        "--master_addr=127.0.0.1", "-m", "diffusion_policy.cli", "train", *common, "train.batch_size=8", f"run_dir={two}",
+        "--master_addr=127.0.0.1", "-m", "diffusion_policy.cli.main", "train", *common, "train.batch_size=8", f"run_dir={two}",
     ]  # fmt: skip
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]

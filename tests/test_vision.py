@@ -13,7 +13,6 @@ from torch import nn
 
 from diffusion_policy.checkpoint import load_policy, save_checkpoint
 from diffusion_policy.config import Config, load_config
-from diffusion_policy.data.datasets import ObsSpec, ShapeMeta
 from diffusion_policy.errors import ConfigError, ObservationError
 from diffusion_policy.models.encoders import EncoderConfig, build_image_encoder
 from diffusion_policy.models.vision import (
@@ -24,6 +23,7 @@ from diffusion_policy.models.vision import (
     crop_images,
 )
 from diffusion_policy.registry import policy_class
+from diffusion_policy.shapes import ObsSpec, ShapeMeta
 
 SHAPE_META = ShapeMeta(
     obs={
@@ -327,7 +327,7 @@ def test_sampling_is_deterministic_and_survives_save_load(tmp_path):
 
 @pytest.mark.real_data
 def test_image_smoke_train_then_eval(pusht_zarr, tmp_path, capsys):
-    from diffusion_policy.cli import main
+    from diffusion_policy.cli.main import main
 
     run = tmp_path / "run"
     rc = main(

@@ -21,7 +21,6 @@ Validation episodes (`val_episodes`):
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -34,54 +33,16 @@ from diffusion_policy.data.sampler import (
     window_frames,
 )
 from diffusion_policy.errors import DataError
+from diffusion_policy.shapes import ObsSpec, ShapeMeta
 
 OBS_TYPES = ("state", "keypoints", "pixels_agent_pos")  # Push-T observation types
 VAL_EPISODES = ("heldout", "complement")
-_KINDS = ("low_dim", "rgb")
 # Store keys each obs type reads (plus "action"); loading only these keeps `state` runs off the 2.8 GB img.
 _STORE_KEYS = {
     "state": ("state",),
     "keypoints": ("keypoint", "state"),
     "pixels_agent_pos": ("img", "state"),
 }
-
-
-@dataclass
-class ObsSpec:
-    shape: tuple[int, ...]  # per-frame shape, e.g. (20,) or (96, 96, 3)
-    dtype: str  # "float32" for low_dim, "uint8" for rgb
-    kind: str  # "low_dim" | "rgb"
-
-    def __post_init__(self) -> None:
-        self.shape = tuple(int(s) for s in self.shape)
-        if self.kind not in _KINDS:
-            raise ValueError(f"ObsSpec.kind must be one of {_KINDS}, got {self.kind!r}")
-
-
-@dataclass
-class ShapeMeta:
-    obs: dict[str, ObsSpec]  # ordered: rgb keys first, then low_dim keys, in a fixed order
-    action_dim: int
-
-    def to_dict(self) -> dict:
-        """Plain lists/str/int, so it can go into a checkpoint's config.yaml."""
-        return {
-            "obs": {
-                k: {"shape": list(s.shape), "dtype": s.dtype, "kind": s.kind}
-                for k, s in self.obs.items()
-            },
-            "action_dim": int(self.action_dim),
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ShapeMeta:
-        return cls(
-            obs={
-                k: ObsSpec(tuple(v["shape"]), str(v["dtype"]), str(v["kind"]))
-                for k, v in d["obs"].items()
-            },
-            action_dim=int(d["action_dim"]),
-        )
 
 
 def pusht_frames(buffer: ReplayBuffer, obs_type: str) -> dict[str, np.ndarray]:

@@ -26,7 +26,6 @@ accepts both).
 
 from __future__ import annotations
 
-import argparse
 import heapq
 import math
 import os
@@ -685,31 +684,3 @@ def generate(
                 "do not train on these demos"
             )
     return summary
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments of `dp data generate`."""
-    p.add_argument("task", choices=["pusht"], help="which task")
-    p.add_argument("--episodes", type=int, required=True, help="number of episodes (seeds) to run")
-    p.add_argument("--out", type=Path, required=True, help="new zarr store to write")
-    p.add_argument(
-        "--seed-start", type=int, default=0, help="env seed of the first episode (default 0)"
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=min(os.cpu_count() or 1, 8),
-        help="parallel processes (default: the CPU count, at most 8)",
-    )
-    p.add_argument(
-        "--keep-failures",
-        action="store_true",
-        help="also store episodes that did not succeed within 300 steps",
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    """`dp data generate pusht ...`"""
-    generate(args.out, args.episodes, args.seed_start, args.workers, args.keep_failures)
-    return 0

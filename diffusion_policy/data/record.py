@@ -14,7 +14,6 @@ operator through `record(..., events=...)`, which sees the env info and returns 
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -186,24 +185,3 @@ def _draw(screen: Any, env: Any, info: dict[str, Any], ring: float | None) -> No
         x, y = (int(v) for v in info["pos_agent"])
         pygame.draw.circle(screen, (255, 0, 0), (x, y), int(ring), 1)
     pygame.display.flip()
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments of `dp data record`."""
-    p.add_argument("task", choices=["pusht"], help="which task")
-    p.add_argument(
-        "--out", type=Path, required=True, help="zarr store to append to (created if missing)"
-    )
-    p.add_argument(
-        "--seed-start",
-        type=int,
-        default=None,
-        help="env seed of the first episode (default: the store's episode count, as the original)",
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    """`dp data record pusht ...`"""
-    record(args.out, args.seed_start)
-    return 0

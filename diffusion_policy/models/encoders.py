@@ -15,7 +15,7 @@ from torch import nn
 from diffusion_policy.errors import ConfigError
 
 if TYPE_CHECKING:
-    from diffusion_policy.data.datasets import ShapeMeta
+    from diffusion_policy.shapes import ShapeMeta
 
 
 # image encoder names (policy.encoder.image); built by build_image_encoder

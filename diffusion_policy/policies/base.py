@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffusion_policy.data.datasets import ShapeMeta
 from diffusion_policy.errors import ConfigError, ObservationError
 from diffusion_policy.models.encoders import EncoderConfig
 from diffusion_policy.models.normalizer import LinearNormalizer
 from diffusion_policy.models.vision import check_image_obs
+from diffusion_policy.shapes import ShapeMeta
 
 
 @dataclass

@@ -15,12 +15,13 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 from einops import rearrange
 
-from diffusion_policy.data.datasets import ShapeMeta
 from diffusion_policy.errors import ConfigError
 from diffusion_policy.models.encoders import ObsEncoder
 from diffusion_policy.models.unet1d import ConditionalUnet1D
 from diffusion_policy.policies.base import Policy, PolicyConfig
-from diffusion_policy.sampling import BACKENDS, FastSampler
+from diffusion_policy.policies.diffusion_sampling import FastSampler
+from diffusion_policy.policies.sampler_names import BACKENDS, SAMPLERS, SPACINGS, TimestepSpacing
+from diffusion_policy.shapes import ShapeMeta
 
 
 @dataclass
@@ -32,9 +33,6 @@ class UnetConfig:
     kernel_size: int = 5
     n_groups: int = 8
     cond_predict_scale: bool = True  # FiLM scale and bias (the paper), else bias only
-
-
-SPACINGS = ("leading", "trailing", "linspace")
 
 
 @dataclass
@@ -49,14 +47,14 @@ class NoiseConfig:
     num_inference_steps: int = 100
     # which K of the T training timesteps a K-step sampler visits (diffusers' timestep_spacing):
     # leading (the original code's: DDIM-10 starts at t=90), trailing (starts at t=T-1), linspace
-    timestep_spacing: str = "leading"
+    timestep_spacing: str = TimestepSpacing.LEADING.value
 
     def __post_init__(self) -> None:
         if self.prediction_type not in ("epsilon", "sample"):
             raise ConfigError(
                 f"policy.noise.prediction_type={self.prediction_type!r}: expected epsilon or sample"
             )
-        if self.sampler not in ("ddpm", "ddim"):
+        if self.sampler not in SAMPLERS:
             raise ConfigError(f"policy.noise.sampler={self.sampler!r}: expected ddpm or ddim")
         if self.timestep_spacing not in SPACINGS:
             raise ConfigError(
@@ -149,7 +147,7 @@ class DiffusionPolicy(Policy):
                 )
             noise = dataclasses.replace(noise, timestep_spacing=timestep_spacing)
             self.config.noise = noise
-        if kind is not None and kind not in ("ddpm", "ddim"):
+        if kind is not None and kind not in SAMPLERS:
             raise ConfigError(f"sampler={kind!r}: expected ddpm or ddim")
         self.sampler_kind = kind or self.sampler_kind
         self.sampler = make_scheduler(noise, self.sampler_kind)

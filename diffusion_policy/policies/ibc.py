@@ -40,10 +40,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from diffusion_policy.data.datasets import ShapeMeta
 from diffusion_policy.errors import ConfigError
 from diffusion_policy.models.encoders import ObsEncoder
 from diffusion_policy.policies.base import Policy, PolicyConfig
+from diffusion_policy.shapes import ShapeMeta
 
 EnergyFn = Callable[[torch.Tensor], torch.Tensor]  # candidates (B, N, A) -> energies (B, N)
 

@@ -23,10 +23,28 @@ This module imports numpy and msgpack only: the client and robot code depend on 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 import numpy as np
+
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 2**20  # a batch of 32 requests of two 96x96 RGB frames is 1.8 MB
+
+
+@dataclass
+class ServeConfig:
+    """Transport settings; the policy's own settings come from its checkpoint."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0 = any free port (tests)
+    token: str | None = None  # required as `Authorization: Api-Key <token>` when set
+    max_batch: int = 32  # rows per forward pass
+    batch_wait_ms: float = 2.0  # longest wait for more requests once one is queued
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    warmup: bool = True
+    seed: int = 0  # the server generator, for requests without a seed
+
 
 PROTOCOL_VERSION = 1
 # Keys in a request that are not observations.

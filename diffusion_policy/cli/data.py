@@ -1,21 +1,22 @@
-"""`dp data ...`: inspect, validate and fetch demonstration stores.
+"""`dp data ...`: inspect, validate, fetch, generate and record demonstration stores.
 
 Each subcommand is one `_cmd_<name>(args) -> int` function plus one `_SUBCOMMANDS` line giving its help
-and an argument-adding function. `generate` and `record` plug in the same way.
+and an argument-adding function. Library modules are imported inside the commands, so `--help` is instant.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
+from pathlib import Path
 
-import numpy as np
-
-from diffusion_policy.data import expert, record
 from diffusion_policy.errors import DataError
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from diffusion_policy.data.replay_buffer import ReplayBuffer
 
     buf = ReplayBuffer.open(args.path, "r")
@@ -83,6 +84,53 @@ def _args_fetch(p: argparse.ArgumentParser) -> None:
     )  # tests: verify against another manifest
 
 
+def _args_generate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("task", choices=["pusht"], help="which task")
+    p.add_argument("--episodes", type=int, required=True, help="number of episodes (seeds) to run")
+    p.add_argument("--out", type=Path, required=True, help="new zarr store to write")
+    p.add_argument(
+        "--seed-start", type=int, default=0, help="env seed of the first episode (default 0)"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=min(os.cpu_count() or 1, 8),
+        help="parallel processes (default: the CPU count, at most 8)",
+    )
+    p.add_argument(
+        "--keep-failures",
+        action="store_true",
+        help="also store episodes that did not succeed within 300 steps",
+    )
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from diffusion_policy.data.expert import generate
+
+    generate(args.out, args.episodes, args.seed_start, args.workers, args.keep_failures)
+    return 0
+
+
+def _args_record(p: argparse.ArgumentParser) -> None:
+    p.add_argument("task", choices=["pusht"], help="which task")
+    p.add_argument(
+        "--out", type=Path, required=True, help="zarr store to append to (created if missing)"
+    )
+    p.add_argument(
+        "--seed-start",
+        type=int,
+        default=None,
+        help="env seed of the first episode (default: the store's episode count, as the original)",
+    )
+
+
+def _cmd_record(args: argparse.Namespace) -> int:
+    from diffusion_policy.data.record import record
+
+    record(args.out, args.seed_start)
+    return 0
+
+
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 # name -> (help, add-arguments, run). Adding a subcommand is one function and one line here.
 _SUBCOMMANDS: dict[str, Command] = {
@@ -97,8 +145,8 @@ _SUBCOMMANDS: dict[str, Command] = {
         _cmd_validate,
     ),
     "fetch": ("download and verify a published dataset into datasets/", _args_fetch, _cmd_fetch),
-    "generate": ("demos from the scripted expert (offline data)", expert.add_arguments, expert.run),
-    "record": ("teleoperate with the mouse and append episodes", record.add_arguments, record.run),
+    "generate": ("demos from the scripted expert (offline data)", _args_generate, _cmd_generate),
+    "record": ("teleoperate with the mouse and append episodes", _args_record, _cmd_record),
 }
 
 

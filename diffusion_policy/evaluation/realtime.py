@@ -90,7 +90,7 @@ def evaluate_realtime(
     """
     import json
 
-    from diffusion_policy.evaluation import EvalError, make_env, summarize
+    from diffusion_policy.evaluation.rollout import EvalError, make_env, summarize
 
     out = Path(out_dir) if out_dir else None
     if out:
@@ -173,3 +173,69 @@ def evaluate_realtime(
     if out:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def evaluate_checkpoint_realtime(
+    policy: Any,
+    cfg: Any,
+    ecfg: Any,
+    out: Path,
+    clients: list,
+    *,
+    server: str | None,
+    token: str | None,
+    checkpoint: str,
+    seed: int,
+    robots: int | None,
+    ensemble: float | None,
+    replan_every: int | None,
+) -> dict[str, Any]:
+    """Wall-clock paced rollouts; each robot plans through its own server connection, or through
+    the in-process policy (one at a time, as robots sharing one local GPU would)."""
+    import itertools
+    import threading
+
+    import torch
+
+    from diffusion_policy.evaluation.rollout import check_server
+
+    seeds = itertools.count(seed)
+    if server:
+        from diffusion_policy.serving.client import PolicyClient
+
+        lock = threading.Lock()
+
+        def make_planner(i: int):
+            client = PolicyClient(server, token=token)
+            with lock:
+                clients.append(client)
+            check_server(client.metadata, cfg, checkpoint)
+            return lambda obs: client.infer(obs, seed=next(seeds))["actions"]
+
+        n_obs_steps = cfg.policy.n_obs_steps
+    else:
+        actor_lock = threading.Lock()
+
+        def make_planner(i: int):
+            def plan(obs: dict[str, np.ndarray]) -> np.ndarray:
+                generator = torch.Generator(device=policy.device).manual_seed(next(seeds))
+                with actor_lock, torch.no_grad():
+                    out = policy.predict_action_chunk(
+                        {k: v[None] for k, v in obs.items()}, generator=generator
+                    )
+                return out["action"][0].float().cpu().numpy()
+
+            return plan
+
+        n_obs_steps = policy.config.n_obs_steps
+    n_robots = robots or ecfg.n_envs or min(ecfg.n_episodes, 8)
+    return evaluate_realtime(
+        make_planner,
+        n_obs_steps,
+        cfg.task,
+        ecfg,
+        out,
+        n_robots=n_robots,
+        ensemble_decay=ensemble,
+        replan_every=replan_every,
+    )

@@ -9,7 +9,6 @@ and noise as one process with an N-times larger batch.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import math
@@ -33,14 +32,12 @@ from diffusion_policy.checkpoint import (
 )
 from diffusion_policy.config import (
     Config,
-    apply_resume_overrides,
     config_to_yaml,
-    load_config,
     to_dict,
 )
 from diffusion_policy.data.datasets import make_pusht_datasets
 from diffusion_policy.errors import ConfigError, DataError
-from diffusion_policy.evaluation import EvalError
+from diffusion_policy.evaluation.rollout import EvalError
 from diffusion_policy.models.ema import EMAModel
 from diffusion_policy.registry import policy_class
 
@@ -262,7 +259,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
         return path
 
     def evaluate_now() -> dict[str, Any]:
-        from diffusion_policy.evaluation import Actor, evaluate
+        from diffusion_policy.evaluation.rollout import Actor, evaluate
 
         deployed.eval()
         m = evaluate(
@@ -331,7 +328,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
             batch.update(_training_noise(policy, global_batch, step, cfg.train.seed, d, device))
             if use_graph:
                 if graphed is None:
-                    from diffusion_policy.train_graph import GraphedTrainStep
+                    from diffusion_policy.training.graph import GraphedTrainStep
 
                     graphed = GraphedTrainStep(
                         policy, optimizer, ema, batch, cfg.train.amp, cfg.train.grad_clip_norm
@@ -410,7 +407,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
 
 def _use_cuda_graph(cfg: Config, policy, device: str, d: Dist) -> bool:
     """train.cuda_graph: null = on where it applies; true insists (an error says why it can't)."""
-    from diffusion_policy.train_graph import graph_unsupported_reason
+    from diffusion_policy.training.graph import graph_unsupported_reason
 
     want = cfg.train.cuda_graph
     if want is False:
@@ -508,39 +505,3 @@ def _prune_steps(ckpt_dir: Path, keep: int = 2) -> None:
     steps = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())
     for old in steps[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-# --- dp train ------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "preset",
-        nargs="?",
-        default=None,
-        help="preset name in configs/ or a .yaml path (default: pusht_diffusion_state)",
-    )
-    parser.add_argument(
-        "overrides", nargs="*", help="key.sub=value overrides, e.g. train.batch_size=64"
-    )
-    parser.add_argument(
-        "--resume", metavar="RUN_DIR", help="continue a run bit-for-bit from its latest checkpoint"
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    preset, overrides = args.preset, list(args.overrides)
-    if preset and "=" in preset:  # `dp train key=value` with the default preset
-        overrides.insert(0, preset)
-        preset = None
-    if args.resume:
-        if preset:
-            raise ConfigError("--resume continues a run with its saved config; give no preset")
-        _, cfg, _ = read_checkpoint_meta(args.resume)
-        cfg = apply_resume_overrides(cfg, overrides)
-    else:
-        cfg = load_config(preset, overrides)
-    train(cfg, resume=args.resume)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 0

@@ -18,8 +18,6 @@ EXPERT = Path("datasets/pusht_expert/pusht_expert.zarr")
 
 
 def find_or_get_data(data: str | None, expert_episodes: int) -> Path:
-    from diffusion_policy.cli import main as dp
-
     if data:
         if not Path(data).exists():
             raise DataError(f"--data {data}: no such store")
@@ -37,11 +35,11 @@ def find_or_get_data(data: str | None, expert_episodes: int) -> Path:
     print(
         f"quickstart: generating {expert_episodes} scripted-expert demonstrations into {EXPERT} instead"
     )
-    if (
-        dp(["data", "generate", "pusht", "--episodes", str(expert_episodes), "--out", str(EXPERT)])
-        != 0
-    ):
-        raise DataError("generating expert demonstrations failed (see above)")
+    import os
+
+    from diffusion_policy.data.expert import generate
+
+    generate(EXPERT, expert_episodes, 0, min(os.cpu_count() or 1, 8), False)
     return EXPERT
 
 
@@ -62,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from diffusion_policy.config import load_config
-    from diffusion_policy.training import train
+    from diffusion_policy.training.loop import train
 
     data = find_or_get_data(args.data, args.expert_episodes)
     preset = args.preset or (

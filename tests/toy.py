@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusion_policy.data.datasets import ObsSpec, ShapeMeta
 from diffusion_policy.models.unet1d import ConditionalUnet1D
 from diffusion_policy.policies.base import Policy
 from diffusion_policy.policies.diffusion import DiffusionConfig, DiffusionPolicy, UnetConfig
 from diffusion_policy.policies.ibc import EnergyNetConfig, IBCConfig, IBCPolicy, LangevinConfig
+from diffusion_policy.shapes import ObsSpec, ShapeMeta
 
 OBS_KEY = "state"
 ActionSampler = Callable[[int, torch.Generator], np.ndarray]  # (n, generator) -> (n, T, Da)

@@ -31,7 +31,6 @@ data the teacher already learnt. Measured results: docs/BENCHMARKS.md "Few-step 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -45,8 +44,9 @@ from diffusion_policy.checkpoint import load_policy, point_symlink, save_checkpo
 from diffusion_policy.data.datasets import make_pusht_datasets
 from diffusion_policy.errors import ConfigError, DataError
 from diffusion_policy.models.ema import EMAModel
-from diffusion_policy.sampling import DDIMSampler, ddim_table
-from diffusion_policy.training import Dist, batch_indices
+from diffusion_policy.policies.diffusion_sampling import DDIMSampler, ddim_table
+from diffusion_policy.policies.sampler_names import TimestepSpacing
+from diffusion_policy.training.loop import Dist, batch_indices
 
 
 def student_chunk(policy, table, obs: dict[str, torch.Tensor], noise: torch.Tensor) -> torch.Tensor:
@@ -60,7 +60,7 @@ def distill(
     out: str | Path,
     steps: int = 1,
     teacher_steps: int = 8,
-    teacher_spacing: str = "trailing",
+    teacher_spacing: str = TimestepSpacing.TRAILING,
     train_steps: int = 4000,
     batch_size: int = 64,
     lr: float = 3e-4,
@@ -92,9 +92,11 @@ def distill(
 
     student = copy.deepcopy(teacher).requires_grad_(True)
     student.config.noise = dataclasses.replace(
-        student.config.noise, prediction_type="sample", timestep_spacing="trailing"
+        student.config.noise,
+        prediction_type="sample",
+        timestep_spacing=TimestepSpacing.TRAILING.value,
     )
-    student.set_sampler("ddim", steps, "trailing")
+    student.set_sampler("ddim", steps, TimestepSpacing.TRAILING.value)
     student.train()
     table = dataclasses.replace(ddim_table(student.sampler, steps), clip=None)
     student_net = DDIMSampler(student, steps, table=table)  # trained through, step by step
@@ -149,7 +151,7 @@ def distill(
     scfg = copy.deepcopy(cfg)
     scfg.policy.noise.sampler = "ddim"
     scfg.policy.noise.num_inference_steps = steps
-    scfg.policy.noise.timestep_spacing = "trailing"
+    scfg.policy.noise.timestep_spacing = TimestepSpacing.TRAILING.value
     scfg.policy.noise.prediction_type = "sample"
     scfg.run_dir = str(out)
     info: dict[str, Any] = {
@@ -164,33 +166,3 @@ def distill(
     point_symlink(out / "checkpoints" / "latest", ckpt)
     print(f"done in {(time.time() - t0) / 60:.1f} min: {ckpt}")
     return ckpt
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="the teacher: a diffusion checkpoint or run directory")
-    parser.add_argument("--out", required=True, help="run directory for the student")
-    parser.add_argument("--steps", type=int, default=1, help="student sampler steps (1 or 2)")
-    parser.add_argument("--teacher-steps", type=int, default=8, help="teacher DDIM steps")
-    parser.add_argument("--teacher-spacing", default="trailing", choices=["leading", "trailing", "linspace"])  # fmt: skip
-    # the defaults are the measured run of docs/RESULTS.md (1 step: 0.926 against DDPM-100's 0.954)
-    parser.add_argument("--train-steps", type=int, default=4000)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument(
-        "--pool", type=int, default=32768, help="(observation, noise) pairs the teacher labels"
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    distill(
-        args.checkpoint, args.out, steps=args.steps, teacher_steps=args.teacher_steps,
-        teacher_spacing=args.teacher_spacing, train_steps=args.train_steps,
-        batch_size=args.batch_size, lr=args.lr, pool_size=args.pool, seed=args.seed,
-        device=args.device,
-    )  # fmt: skip
-    return 0

@@ -1,0 +1,39 @@
+"""The sampler options shared by `dp eval`, `dp serve`, `dp export` and the benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+
+from diffusion_policy.policies.sampler_names import BACKENDS, SAMPLERS, SPACINGS
+
+
+def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
+    """--sampler, --inference-steps, --timestep-spacing and --backend."""
+    parser.add_argument(
+        "--sampler", choices=list(SAMPLERS), default=None, help="diffusion sampler override"
+    )
+    parser.add_argument(
+        "--inference-steps", type=int, default=None, help="sampler steps override (e.g. DDIM 10)"
+    )
+    parser.add_argument(
+        "--timestep-spacing",
+        choices=list(SPACINGS),
+        default=None,
+        help="which timesteps a K-step sampler visits (trailing starts at t=T-1)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=list(BACKENDS),
+        default="auto",
+        help="how DDIM chunks are computed: auto (cpu kernel or CUDA graph), fused, cpu, "
+        "cuda_graph, or eager (the reference diffusers loop). DDPM always runs eager.",
+    )
+
+
+def apply_sampler_arguments(policy, args: argparse.Namespace) -> None:
+    """Apply the options of add_sampler_arguments to a loaded policy (diffusion policies only)."""
+    if not hasattr(policy, "set_sampler"):
+        return
+    if args.sampler or args.inference_steps or args.timestep_spacing:
+        policy.set_sampler(args.sampler, args.inference_steps, args.timestep_spacing)
+    policy.set_inference_backend(args.backend)
