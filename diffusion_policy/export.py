@@ -233,32 +233,23 @@ def export_policy(
             if fmt == "torchscript":
                 traced = torch.jit.trace(module, example, check_trace=False)
                 torch.jit.save(traced, str(tmp))
-            elif exporter == "legacy":
-                axes = None if batch_size else {n: {0: "B"} for n in [*names, *OUTPUTS]}
-                torch.onnx.export(
-                    module,
-                    example,
-                    str(tmp),
-                    dynamo=False,
-                    opset_version=OPSET["legacy"],
-                    input_names=names,
-                    output_names=list(OUTPUTS),
-                    dynamic_axes=axes,
-                )
             else:
-                batch = torch.export.Dim("B", min=1, max=65536)
-                shapes = None if batch_size else (tuple({0: batch} for _ in names),)
+                if exporter == "legacy":
+                    axes = None if batch_size else {n: {0: "B"} for n in [*names, *OUTPUTS]}
+                    how: dict[str, Any] = {"dynamic_axes": axes}
+                else:
+                    batch = torch.export.Dim("B", min=1, max=65536)
+                    shapes = None if batch_size else (tuple({0: batch} for _ in names),)
+                    how = {"dynamic_shapes": shapes, "external_data": False, "verbose": False}
                 torch.onnx.export(
                     module,
                     example,
                     str(tmp),
-                    dynamo=True,
-                    opset_version=OPSET["dynamo"],
+                    dynamo=exporter == "dynamo",
+                    opset_version=OPSET[exporter],
                     input_names=names,
                     output_names=list(OUTPUTS),
-                    dynamic_shapes=shapes,
-                    external_data=False,
-                    verbose=False,
+                    **how,
                 )
         os.replace(tmp, out)
     finally:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from diffusion_policy.cli.sampler_options import add_spacing_argument
 from diffusion_policy.errors import UserError
-from diffusion_policy.policies.sampler_names import SPACINGS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,12 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="DDIM steps K unrolled into the file (default: the checkpoint's DDIM steps, or 10 "
         "when it samples with DDPM)",
     )
-    parser.add_argument(
-        "--timestep-spacing",
-        choices=list(SPACINGS),
-        default=None,
-        help="which timesteps the K steps visit (default: the checkpoint's)",
-    )
+    add_spacing_argument(parser, "which timesteps the K steps visit (default: the checkpoint's)")
     parser.add_argument(
         "--batch-size",
         type=int,

@@ -7,6 +7,11 @@ import argparse
 from diffusion_policy.policies.sampler_names import BACKENDS, SAMPLERS, SPACINGS
 
 
+def add_spacing_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """--timestep-spacing, one of the TimestepSpacing names (default: the checkpoint's)."""
+    parser.add_argument("--timestep-spacing", choices=list(SPACINGS), default=None, help=help_text)
+
+
 def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
     """--sampler, --inference-steps, --timestep-spacing and --backend."""
     parser.add_argument(
@@ -15,11 +20,8 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--inference-steps", type=int, default=None, help="sampler steps override (e.g. DDIM 10)"
     )
-    parser.add_argument(
-        "--timestep-spacing",
-        choices=list(SPACINGS),
-        default=None,
-        help="which timesteps a K-step sampler visits (trailing starts at t=T-1)",
+    add_spacing_argument(
+        parser, "which timesteps a K-step sampler visits (trailing starts at t=T-1)"
     )
     parser.add_argument(
         "--backend",
