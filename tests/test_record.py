@@ -7,11 +7,11 @@ import pygame
 import pytest
 
 from diffusion_policy.cli.main import main
-from diffusion_policy.data.expert import PushTExpert
 from diffusion_policy.data.record import record
 from diffusion_policy.data.replay_buffer import ReplayBuffer, validate
 from diffusion_policy.errors import DataError
 from envs.pusht import PushTEnv
+from envs.pusht_expert import PushTExpert
 
 SEED = 8  # the expert solves this seed in 82 steps
 
