@@ -89,7 +89,9 @@ def test_int_dtype_over_float_bytes_is_caught_by_validate_and_training(tmp_path,
     zarray = store / "data" / "action" / ".zarray"
     meta = json.loads(zarray.read_text())
     zarray.write_text(json.dumps({**meta, "dtype": "<i4"}))
-    assert_refused(store, capsys, "data/action: 320 value(s) beyond", "dtype int32 but Push-T action")
+    assert_refused(
+        store, capsys, "data/action: 320 value(s) beyond", "dtype int32 but Push-T action"
+    )
 
 
 def test_plausible_but_wrong_dtype_is_caught_by_the_format(tmp_path, capsys):
