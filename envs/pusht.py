@@ -87,6 +87,55 @@ except (ImportError, AttributeError):  # pragma: no cover - other pymunk builds
         return len(arbiter.contact_point_set.points)
 
 
+def rotation(theta: float) -> np.ndarray:
+    """The 2 x 2 rotation by `theta` (positive angles look clockwise, as y points down)."""
+    c, s = math.cos(theta), math.sin(theta)
+    return np.array([[c, -s], [s, c]])
+
+
+def to_world(pose: np.ndarray, local: np.ndarray) -> np.ndarray:
+    """Block-local points (..., 2) to world pixels for a block pose [x, y, angle]: R(angle) p + xy."""
+    return local @ rotation(pose[2]).T + pose[:2]
+
+
+def _pd_velocity(
+    tx: float, ty: float, px: float, py: float, vx: float, vy: float
+) -> tuple[float, float]:
+    """The PD law, with the original's float operations in its order: a = k_p (t - p) + k_v (0 - v); v + a dt."""
+    return (
+        vx + (K_P * (tx - px) + K_V * (0.0 - vx)) * DT,
+        vy + (K_P * (ty - py) + K_V * (0.0 - vy)) * DT,
+    )
+
+
+def track_target(space: pymunk.Space, agent: pymunk.Body, tx: float, ty: float) -> None:
+    """One env step of the agent's PD tracker toward (tx, ty): N_SUBSTEPS physics steps of DT.
+
+    The only copy of the control law: the env and the scripted expert's planning sim both step with it.
+    With pymunk's cffi handle it calls Chipmunk directly (the hot loop of every step); that equals
+    `body.velocity = ...; space.step(dt)` for this space (nothing is added or removed during a step)
+    without the Python wrappers' overhead. The replay test pins the result.
+    """
+    if (
+        _chipmunk is None
+    ):  # pragma: no cover - public-API path for pymunk builds without the cffi handle
+        for _ in range(N_SUBSTEPS):
+            agent.velocity = _pd_velocity(tx, ty, *agent.position, *agent.velocity)
+            space.step(DT)
+        return
+    body, space_ptr = agent._body, space._space
+    get_p, get_v = _chipmunk.cpBodyGetPosition, _chipmunk.cpBodyGetVelocity
+    set_v, space_step = _chipmunk.cpBodySetVelocity, _chipmunk.cpSpaceStep
+    space._locked = True
+    try:
+        for _ in range(N_SUBSTEPS):
+            p, v = get_p(body), get_v(body)
+            set_v(body, _pd_velocity(tx, ty, p.x, p.y, v.x, v.y))
+            space_step(space_ptr, DT)
+    finally:
+        space._locked = False
+
+
 def _light(color: tuple[int, ...]) -> tuple[int, ...]:
     """The original's fill colour: RGBA times 1.2, clipped at 255, rounded."""
     return tuple(int(round(min(255.0, 1.2 * c))) for c in color)
@@ -345,18 +394,7 @@ class PushTEnv(gym.Env):
         action = self._check_action(action)
         self.latest_action = action
         self._n_contact_points = 0
-        tx, ty = float(action[0]), float(action[1])
-        if _chipmunk is not None:
-            self._substeps_fast(tx, ty)
-        else:  # pragma: no cover - public-API path for pymunk builds without the cffi handle
-            agent = self.agent
-            for _ in range(N_SUBSTEPS):
-                px, py = agent.position
-                vx, vy = agent.velocity
-                acc_x = K_P * (tx - px) + K_V * (0.0 - vx)
-                acc_y = K_P * (ty - py) + K_V * (0.0 - vy)
-                agent.velocity = (vx + acc_x * DT, vy + acc_y * DT)
-                self.space.step(DT)
+        track_target(self.space, self.agent, float(action[0]), float(action[1]))
 
         info = self._get_info()
         coverage = info["coverage"]
@@ -366,28 +404,6 @@ class PushTEnv(gym.Env):
         if self.render_mode == "human":
             self.render()
         return obs, reward, terminated, False, info
-
-    def _substeps_fast(self, tx: float, ty: float) -> None:
-        """The PD tracker over 10 physics substeps, calling Chipmunk directly (the hot loop of every step).
-
-        Same float operations, in the same order, as the original's Vec2d/ndarray arithmetic:
-        a = k_p (target - p) + k_v (0 - v); v <- v + a dt; space.step(dt). Equivalent to pymunk's
-        `body.velocity = ...; space.step(dt)` for this space (nothing is added or removed during a step), but
-        without the Python wrappers' overhead; the replay test pins the result.
-        """
-        body, space_ptr = self.agent._body, self.space._space
-        get_p, get_v = _chipmunk.cpBodyGetPosition, _chipmunk.cpBodyGetVelocity
-        set_v, space_step = _chipmunk.cpBodySetVelocity, _chipmunk.cpSpaceStep
-        self.space._locked = True
-        try:
-            for _ in range(N_SUBSTEPS):
-                p, v = get_p(body), get_v(body)
-                acc_x = K_P * (tx - p.x) + K_V * (0.0 - v.x)
-                acc_y = K_P * (ty - p.y) + K_V * (0.0 - v.y)
-                set_v(body, (v.x + acc_x * DT, v.y + acc_y * DT))
-                space_step(space_ptr, DT)
-        finally:
-            self.space._locked = False
 
     @staticmethod
     def _check_action(action: Any) -> np.ndarray:
@@ -455,9 +471,8 @@ class PushTEnv(gym.Env):
 
     def _block_keypoints(self) -> np.ndarray:
         """(9, 2) world keypoints = R(angle) @ local + origin (raw angle, body origin)."""
-        c, s = math.cos(self.block.angle), math.sin(self.block.angle)
-        rot = np.array([[c, -s], [s, c]])
-        return BLOCK_KEYPOINTS_LOCAL @ rot.T + np.array(tuple(self.block.position))
+        bx, by = self.block.position
+        return to_world(np.array([bx, by, self.block.angle]), BLOCK_KEYPOINTS_LOCAL)
 
     def _get_info(self) -> dict[str, Any]:
         coverage = self._coverage()
@@ -490,8 +505,8 @@ class PushTEnv(gym.Env):
         bx, by = self.block.position
         if (bx - GOAL_POSE[0]) ** 2 + (by - GOAL_POSE[1]) ** 2 > _NO_OVERLAP_DIST**2:
             return 0.0  # too far apart to touch: skip the geometry (the exact answer is 0 as well)
-        to_world = self.block.local_to_world
-        verts = np.array([[tuple(to_world(v)) for v in poly] for poly in _BLOCK_LOCAL_VERTS])
+        local_to_world = self.block.local_to_world
+        verts = np.array([[tuple(local_to_world(v)) for v in poly] for poly in _BLOCK_LOCAL_VERTS])
         block = shapely.polygons(verts)
         inter = shapely.area(shapely.intersection(self._goal_polys[:, None], block[None, :])).sum()
         return float(inter / BLOCK_AREA)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_policy.data.datasets import OBS_TYPES, PushTDataset, make_pusht_datasets
+from diffusion_policy.data.datasets import PushTDataset, make_pusht_datasets
+from diffusion_policy.data.pusht_format import OBS_TYPES
 from diffusion_policy.data.replay_buffer import ReplayBuffer
 from diffusion_policy.errors import DataError
 from diffusion_policy.shapes import ShapeMeta

@@ -105,3 +105,26 @@ def test_manifest_matches_real_store(pusht_images: ReplayBuffer):
 
 def test_shipped_manifest_is_tracked():
     assert load_manifest("pusht")["path"] == "pusht/pusht_cchi_v7_replay.zarr"
+
+
+def test_download_shows_progress(tiny, tmp_path: Path, capsys):
+    """The archive is served over http on loopback: the bar counts its bytes to 100%."""
+    import functools
+    import http.server
+    import threading
+
+    _, zpath, manifest = tiny
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(zpath.parent))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{zpath.name}"
+        assert main(["data", "fetch", "pusht", "--dest", str(tmp_path / "h"), "--url", url,
+                     "--manifest", str(manifest)]) == 0  # fmt: skip
+    finally:
+        server.shutdown()
+        server.server_close()
+    captured = capsys.readouterr()
+    assert f"downloading {url}" in captured.out
+    assert f"{zpath.name}: 100%" in captured.err  # tqdm's bar: name, percent, bytes, rate

@@ -185,7 +185,10 @@ def test_vector_envs(vector_cls):
 
 
 def test_envs_package_is_a_leaf():
-    code = "import sys, envs.pusht; sys.exit(any(m.startswith('diffusion_policy') for m in sys.modules))"
+    code = (
+        "import sys, envs.pusht, envs.pusht_expert, envs.pusht_teleop; "
+        "sys.exit(any(m.startswith('diffusion_policy') for m in sys.modules))"
+    )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
 
 
@@ -326,7 +329,7 @@ def test_dp_sim_bad_input_is_one_line_error(pusht_zarr, tmp_path, capsys):
     from diffusion_policy.cli.main import main
 
     assert main(["sim", "replay", str(tmp_path / "missing.zarr")]) == 2
-    assert "no Push-T store" in capsys.readouterr().err
+    assert "no such dataset store" in capsys.readouterr().err
     assert (
         main(
             ["sim", "render", str(pusht_zarr), "--episode", "206", "--out", str(tmp_path / "x.mp4")]
@@ -338,11 +341,51 @@ def test_dp_sim_bad_input_is_one_line_error(pusht_zarr, tmp_path, capsys):
     assert "bad episode" in capsys.readouterr().err
 
 
-def test_dp_sim_play_smoke(capsys):
+def test_play_loop_smoke(capsys):
+    """The teleop loop itself, driven by injected events: pick-up, a few steps, reset, quit."""
+    import pygame
+
+    from envs.pusht_teleop import TELEOP_RADIUS, play
+
+    agent = PushTEnv().reset(seed=3)[1]["pos_agent"]
+    script = [
+        [pygame.event.Event(pygame.MOUSEMOTION, pos=tuple(agent + [TELEOP_RADIUS + 5, 0]))],
+        [pygame.event.Event(pygame.MOUSEMOTION, pos=tuple(agent + [5.0, 0.0]))],  # picked up
+        [],
+        [pygame.event.Event(pygame.KEYDOWN, key=pygame.K_r)],
+    ]
+    seen = []
+
+    def events(info):
+        seen.append(info["pos_agent"].copy())
+        return script[len(seen) - 1] if len(seen) <= len(script) else []
+
+    assert play(seed=3, max_steps=6, events=events) == 0
+    out = capsys.readouterr().out
+    assert "seed 3" in out and "reset: seed 4" in out
+    np.testing.assert_array_equal(seen[1], agent)  # 35 px away: not picked up, nothing moved
+    assert np.linalg.norm(seen[3] - agent) > 0.1  # following the mouse after the pick-up
+
+
+@pytest.mark.parametrize(
+    "env, match",
+    [
+        ({"SDL_VIDEODRIVER": "dummy"}, "SDL_VIDEODRIVER=dummy"),
+        ({"SDL_VIDEODRIVER": "offscreen"}, "SDL_VIDEODRIVER=offscreen"),
+        ({"SDL_VIDEODRIVER": None, "DISPLAY": None, "WAYLAND_DISPLAY": None}, "no display"),
+    ],
+)
+def test_dp_sim_play_without_a_display_says_so_and_exits(monkeypatch, capsys, env, match):
+    """Issue 17 item 11: SDL falls back to an invisible window; play must not run forever in it."""
     from diffusion_policy.cli.main import main
 
-    assert main(["sim", "play", "--seed", "3", "--max-steps", "2"]) == 0
-    assert "seed 3" in capsys.readouterr().out
+    if "DISPLAY" in env and not sys.platform.startswith("linux"):
+        pytest.skip("DISPLAY only tells about X11/Wayland on Linux")
+    for k, v in env.items():
+        monkeypatch.delenv(k, raising=False) if v is None else monkeypatch.setenv(k, v)
+    assert main(["sim", "play", "--seed", "3"]) == 2
+    err = capsys.readouterr().err
+    assert match in err and "needs a window" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("suffix", [".mp4", ".gif"])

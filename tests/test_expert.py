@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from diffusion_policy.cli.main import main
-from diffusion_policy.data.expert import ExpertConfig, generate, run_episode
+from diffusion_policy.data.expert import generate, run_episode
 from diffusion_policy.data.replay_buffer import ReplayBuffer, validate
 from diffusion_policy.errors import DataError, UserError
 from envs.pusht import PushTEnv
+from envs.pusht_expert import ExpertConfig
 
 EXPECTED = {
     "img": ((96, 96, 3), np.uint8),
@@ -123,3 +124,18 @@ def test_dp_data_generate_cli(tmp_path, capsys):
     assert validate(out) == []
     assert main([*argv, "--out", str(out)]) == 2  # refuses to overwrite, one-line error
     assert "already exists" in capsys.readouterr().err
+
+
+def test_planner_steps_with_the_envs_own_pd_law():
+    """One copy of the physics: the planning sim and the env end a step in the same state, bit for bit."""
+    from envs.pusht_expert import _PlanningSim
+
+    env = PushTEnv(obs_type="state")
+    _, info = env.reset(seed=5)
+    sim = _PlanningSim()
+    sim.set_state(info["pos_agent"], info["vel_agent"], info["block_pose"])
+    for target in ([200.0, 300.0], [260.0, 250.0], [300.0, 200.0]):
+        _, _, _, _, info = env.step(np.array(target))
+        sim.step(np.array(target))
+        assert tuple(sim.env.agent.position) == tuple(env.agent.position)
+        assert tuple(sim.env.agent.velocity) == tuple(env.agent.velocity)

@@ -69,3 +69,23 @@ def test_state_dict_round_trip():
     x = torch.from_numpy(d["obs"])
     torch.testing.assert_close(b.normalize("obs", x), a.normalize("obs", x))
     assert b.is_fitted("obs")
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (np.nan, r"'action': min\[1\] = nan is non-finite"),
+        (2.45e35, r"'action': max\[1\] = 2.45e\+35 is non-finite or beyond ±1e\+06"),
+        (-3e7, r"'action': min\[1\] = -3e\+07"),
+    ],
+)
+def test_absurd_statistics_are_refused_naming_the_key(bad, match):
+    """Issue 17 item 3: a corrupt value must not become the normaliser's scale (NaN actions later)."""
+    from diffusion_policy.errors import DataError
+
+    d = data()["action"].astype(np.float64)
+    d[17, 1] = bad
+    n = LinearNormalizer({"action": 2})
+    with pytest.raises(DataError, match=match):
+        n.fit({"action": d})
+    assert not n.is_fitted("action")

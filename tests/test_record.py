@@ -7,11 +7,11 @@ import pygame
 import pytest
 
 from diffusion_policy.cli.main import main
-from diffusion_policy.data.expert import PushTExpert
 from diffusion_policy.data.record import record
 from diffusion_policy.data.replay_buffer import ReplayBuffer, validate
 from diffusion_policy.errors import DataError
 from envs.pusht import PushTEnv
+from envs.pusht_expert import PushTExpert
 
 SEED = 8  # the expert solves this seed in 82 steps
 
@@ -137,3 +137,30 @@ def test_record_refuses_a_store_with_other_keys(tmp_path):
     with pytest.raises(DataError, match="keys"):
         record(out, events=lambda info: [key(pygame.K_q)], fps=0)
     assert main(["data", "record", "pusht", "--out", str(out)]) == 2
+
+
+def test_record_without_a_display_says_so_and_exits(tmp_path):
+    """Issue 17 item 11: under SDL's dummy driver the window is invisible; a real session must refuse
+    at once (the old loop waited forever for an operator who could see nothing)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "SDL_VIDEODRIVER": "dummy", "PYTHONPATH": str(Path(__file__).parents[1])}
+    out = tmp_path / "rec.zarr"
+    cmd = [
+        sys.executable,
+        "-m",
+        "diffusion_policy.cli",
+        "data",
+        "record",
+        "pusht",
+        "--out",
+        str(out),
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+    assert (
+        r.returncode == 2 and "needs a window" in r.stderr and "SDL_VIDEODRIVER=dummy" in r.stderr
+    )
+    assert r.stderr.count("\n") == 1 and not out.exists()

@@ -47,13 +47,15 @@ def _cname(c: object) -> str:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from diffusion_policy.data.replay_buffer import validate
+    from diffusion_policy.data.fetch import load_manifest
+    from diffusion_policy.data.validation import check_store
 
-    problems = validate(args.path)
-    for p in problems:
-        print(p)
-    if problems:
-        print(f"{len(problems)} problem(s)")
+    manifest = load_manifest(args.manifest) if args.manifest else None
+    report = check_store(args.path, args.obs_type, args.task, manifest)
+    for line in report.notes + report.problems:
+        print(line)
+    if report.problems:
+        print(f"{len(report.problems)} problem(s)")
         return 1
     print("OK")
     return 0
@@ -68,6 +70,22 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
 
 def _args_path(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="a replay-buffer zarr store (directory)")
+
+
+def _args_validate(p: argparse.ArgumentParser) -> None:
+    _args_path(p)
+    p.add_argument(
+        "--obs-type",
+        default=None,
+        help="fail unless the store can train this Push-T obs type (state, keypoints, pixels_agent_pos)",
+    )
+    p.add_argument(
+        "--task",
+        choices=["pusht", "none"],
+        default="pusht",
+        help="whose needs to check (default pusht; none: only the store itself)",
+    )
+    p.add_argument("--manifest", default=None, help=argparse.SUPPRESS)  # tests: another manifest
 
 
 def _args_fetch(p: argparse.ArgumentParser) -> None:
@@ -140,8 +158,8 @@ _SUBCOMMANDS: dict[str, Command] = {
         _cmd_info,
     ),
     "validate": (
-        "check lengths, episode_ends, NaN/Inf, dtypes and chunk files",
-        _args_path,
+        "check structure, chunk files, every value, the published manifest and what the store can train",
+        _args_validate,
         _cmd_validate,
     ),
     "fetch": ("download and verify a published dataset into datasets/", _args_fetch, _cmd_fetch),

@@ -5,11 +5,8 @@ batch is gathered with one fancy-index per key (`get_batch`), on the CPU or, aft
 GPU with no DataLoader workers and no host-to-device copy per step. `__getitem__` returns the same
 sample as numpy for inspection and for users who prefer a torch DataLoader.
 
-Observation keys match the env's observation keys exactly, because evaluation feeds env observations
-straight to the policy:
-  * "state"            -> `state` (5,) float32: agent xy, block xy, block angle mod 2π (as the env).
-  * "keypoints"        -> `keypoints` (20,) float32: 9 block keypoints (18) then agent xy (2).
-  * "pixels_agent_pos" -> `pixels` (96, 96, 3) uint8 HWC and `agent_pos` (2,) float32.
+Which store keys each observation type reads, and how, is the Push-T format's (data/pusht_format.py);
+loading also checks the values (finite, plausible magnitudes: see ReplayBuffer.read).
 
 Validation episodes (`val_episodes`):
   * "heldout" (default): only the val_ratio episodes split off by `get_val_mask` (4 on Push-T), which
@@ -25,6 +22,7 @@ import copy
 import numpy as np
 import torch
 
+from diffusion_policy.data.pusht_format import needed_keys, pusht_frames
 from diffusion_policy.data.replay_buffer import ReplayBuffer
 from diffusion_policy.data.sampler import (
     create_windows,
@@ -32,52 +30,9 @@ from diffusion_policy.data.sampler import (
     get_val_mask,
     window_frames,
 )
-from diffusion_policy.errors import DataError
 from diffusion_policy.shapes import ObsSpec, ShapeMeta
 
-OBS_TYPES = ("state", "keypoints", "pixels_agent_pos")  # Push-T observation types
 VAL_EPISODES = ("heldout", "complement")
-# Store keys each obs type reads (plus "action"); loading only these keeps `state` runs off the 2.8 GB img.
-_STORE_KEYS = {
-    "state": ("state",),
-    "keypoints": ("keypoint", "state"),
-    "pixels_agent_pos": ("img", "state"),
-}
-
-
-def pusht_frames(buffer: ReplayBuffer, obs_type: str) -> dict[str, np.ndarray]:
-    """Per-frame arrays (N, ...) for one obs type, computed once: obs keys plus "action"."""
-    if obs_type not in OBS_TYPES:
-        raise DataError(f"unknown Push-T obs_type {obs_type!r} (known: {', '.join(OBS_TYPES)})")
-    for k in ("action", *_STORE_KEYS[obs_type]):
-        buffer[k]  # raises DataError naming the path and the missing key
-    state = buffer.read("state").astype(np.float32)
-    frames: dict[str, np.ndarray] = {}
-    if obs_type == "state":
-        frames["state"] = np.concatenate([state[:, :4], np.mod(state[:, 4:5], 2 * np.pi)], axis=1)
-    elif obs_type == "keypoints":
-        kp = buffer.read("keypoint").astype(np.float32)
-        frames["keypoints"] = np.concatenate([kp.reshape(len(kp), -1), state[:, :2]], axis=1)
-    else:
-        frames["pixels"] = _to_uint8(buffer, "img")
-        frames["agent_pos"] = np.ascontiguousarray(state[:, :2])
-    frames["action"] = buffer.read("action").astype(np.float32)
-    return frames
-
-
-def _to_uint8(buffer: ReplayBuffer, key: str) -> np.ndarray:
-    """Round 0..255 float images to uint8 block by block (peak memory: the uint8 array + one block)."""
-    arr = buffer[key]
-    out = np.empty(arr.shape, dtype=np.uint8)
-    for start, block in buffer.iter_blocks(key):
-        if block.dtype != np.uint8:
-            if block.size and (block.min() < 0 or block.max() > 255):
-                raise DataError(
-                    f"{buffer.path}: data/{key}: values outside 0..255 near frame {start}"
-                )
-            block = np.rint(block)
-        out[start : start + len(block)] = block
-    return out
 
 
 def _shape_meta(frames: dict[str, np.ndarray]) -> ShapeMeta:
@@ -217,12 +172,11 @@ def make_pusht_datasets(
     val_episodes: str = "heldout",
 ) -> tuple[PushTDataset, PushTDataset | None]:
     """Loads the store once (only the keys this obs_type needs) and returns train and val views sharing memory."""
-    if obs_type not in OBS_TYPES:
-        raise DataError(f"unknown Push-T obs_type {obs_type!r} (known: {', '.join(OBS_TYPES)})")
+    keys = needed_keys(obs_type)
     if val_episodes not in VAL_EPISODES:
         raise ValueError(f"val_episodes must be one of {VAL_EPISODES}, got {val_episodes!r}")
     # Open on disk and convert block by block: pixels never exist in RAM as float32 (2.8 GB).
-    buffer = ReplayBuffer.open(path, "r", keys=["action", *_STORE_KEYS[obs_type]])
+    buffer = ReplayBuffer.open(path, "r", keys=keys)
     val_mask = get_val_mask(buffer.n_episodes, val_ratio, split_seed)
     train_mask = downsample_mask(~val_mask, max_train_episodes, split_seed)
     train = PushTDataset(buffer, obs_type, horizon, n_obs_steps, n_action_steps, train_mask)

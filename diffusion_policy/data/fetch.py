@@ -10,11 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 import tempfile
 import urllib.parse
 import urllib.request
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -30,13 +32,22 @@ OFFLINE_HINT = (
 )
 
 
-def array_digest(blocks, dtype: np.dtype, shape: tuple[int, ...]) -> str:
-    """sha256 of an array given as C-contiguous blocks along axis 0 (so 2.8 GB never needs one copy)."""
-    h = hashlib.sha256()
-    for b in blocks:
-        h.update(memoryview(np.ascontiguousarray(b)).cast("B"))
-    h.update(f"|{np.dtype(dtype).str}|{','.join(str(int(s)) for s in shape)}".encode())
-    return h.hexdigest()
+class Digester:
+    """sha256 digests of arrays fed as C-contiguous blocks along axis 0, in order (so 2.8 GB never
+    needs one copy, and `dp data validate` digests the blocks it decodes anyway)."""
+
+    def __init__(self) -> None:
+        self._sha: dict[str, Any] = {}
+
+    def __call__(self, key: str, block: np.ndarray) -> None:
+        sha = self._sha.setdefault(key, hashlib.sha256())
+        sha.update(memoryview(np.ascontiguousarray(block)).cast("B"))
+
+    def digest(self, key: str, dtype: np.dtype, shape: tuple[int, ...]) -> dict:
+        """{"shape", "dtype", "sha256"} of one array fed so far (the manifest's entry format)."""
+        sha = self._sha.get(key, hashlib.sha256()).copy()
+        sha.update(f"|{np.dtype(dtype).str}|{','.join(str(int(s)) for s in shape)}".encode())
+        return {"shape": list(shape), "dtype": np.dtype(dtype).str, "sha256": sha.hexdigest()}
 
 
 def store_digests(path: str | Path) -> dict[str, dict]:
@@ -44,23 +55,23 @@ def store_digests(path: str | Path) -> dict[str, dict]:
     return buffer_digests(ReplayBuffer.open(path, "r"))
 
 
-def buffer_digests(buf: ReplayBuffer) -> dict[str, dict]:
-    """Digests of every array of a buffer (on disk: read block by block; in RAM: no copy)."""
+def buffer_digests(buf: ReplayBuffer, digester: Digester | None = None) -> dict[str, dict]:
+    """Digests of every array of a buffer (on disk: read block by block; in RAM: no copy).
+
+    With a `digester` that has already seen every data key's blocks, nothing is read again.
+    """
+    if digester is None:
+        digester = Digester()
+        for k in buf.keys():
+            for _, b in buf.iter_blocks(k):
+                digester(k, b)
     out = {}
     for k in sorted(buf.keys()):
-        arr = buf[k]
-        blocks = (b for _, b in buf.iter_blocks(k))
-        out[f"data/{k}"] = {
-            "shape": list(arr.shape),
-            "dtype": np.dtype(arr.dtype).str,
-            "sha256": array_digest(blocks, arr.dtype, arr.shape),
-        }
+        out[f"data/{k}"] = digester.digest(k, buf[k].dtype, tuple(buf[k].shape))
     ends = buf.episode_ends
-    out["meta/episode_ends"] = {
-        "shape": list(ends.shape),
-        "dtype": ends.dtype.str,
-        "sha256": array_digest([ends], ends.dtype, ends.shape),
-    }
+    ends_digester = Digester()
+    ends_digester("meta/episode_ends", ends)
+    out["meta/episode_ends"] = ends_digester.digest("meta/episode_ends", ends.dtype, ends.shape)
     return out
 
 
@@ -86,12 +97,26 @@ def load_manifest(name_or_path: str | Path) -> dict:
     return json.loads(p.read_text())
 
 
+def known_manifest(path: str | Path) -> dict | None:
+    """The shipped manifest of a published store with this directory name (e.g. pusht_cchi_v7_replay.zarr)."""
+    for f in sorted(MANIFEST_DIR.glob("*.json")):
+        m = json.loads(f.read_text())
+        if Path(m["path"]).name == Path(path).name:
+            return m
+    return None
+
+
 def verify(path: str | Path, manifest: dict) -> list[str]:
     """Problems (empty: match) comparing a store's decoded arrays with a manifest."""
     try:
         got = store_digests(path)
     except DataError as e:
         return [str(e)]
+    return compare_digests(path, got, manifest)
+
+
+def compare_digests(path: str | Path, got: dict[str, dict], manifest: dict) -> list[str]:
+    """Problems (empty: match) comparing digests (`buffer_digests`) with a manifest's."""
     problems = []
     for key, want in manifest["arrays"].items():
         have = got.get(key)
@@ -118,10 +143,24 @@ def _local_source(url: str) -> Path | None:
 
 
 def _download(url: str, to: Path, timeout: float) -> Path:
-    print(f"downloading {url} ...", flush=True)
+    """Stream `url` to `to` with a progress bar on stderr (bytes, rate, time left when the size is known)."""
+    from tqdm import tqdm
+
+    print(f"downloading {url}", flush=True)
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r, open(to, "wb") as f:
-            shutil.copyfileobj(r, f, length=1 << 20)
+            total = int(r.headers.get("Content-Length") or 0) or None
+            with tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=Path(urllib.parse.urlparse(url).path).name or to.name,
+                file=sys.stderr,
+            ) as bar:
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
     except OSError as e:  # URLError, timeouts and HTTP errors are all OSErrors
         raise DataError(f"cannot download {url} ({e}); " + OFFLINE_HINT.format(url=url)) from e
     return to

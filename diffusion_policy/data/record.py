@@ -15,21 +15,15 @@ operator through `record(..., events=...)`, which sees the env info and returns 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from diffusion_policy.data.expert import STORE_KEYS, frame, stack_episode
+from diffusion_policy.data.pusht_format import STORE_KEYS, frame, stack_episode
 from diffusion_policy.errors import DataError, UserError
-
-TELEOP_RADIUS = (
-    30.0  # px: the agent follows the mouse once the mouse comes this close (as the original)
-)
-
-EventSource = Callable[[dict[str, Any]], list[Any]]
+from envs.pusht_teleop import TELEOP_RADIUS, EventSource, display_problem, picked_up
 
 
 @dataclass
@@ -70,6 +64,93 @@ def _save(buf: Any, path: Path, episode: dict[str, np.ndarray]) -> Any:
     return buf
 
 
+@dataclass
+class _Keys:
+    """What the operator asked for in one frame's events."""
+
+    quit: bool = False
+    retry: bool = False
+    done: bool = False
+    mouse: np.ndarray | None = None  # the latest mouse position, when it moved
+
+
+def _read_keys(events: list[Any]) -> _Keys:
+    import pygame
+
+    keys = _Keys()
+    for ev in events:
+        if ev.type == pygame.QUIT:
+            keys.quit = True
+        elif ev.type == pygame.KEYDOWN:
+            keys.quit |= ev.key in (pygame.K_q, pygame.K_ESCAPE)
+            keys.retry |= ev.key == pygame.K_r
+            keys.done |= ev.key in (pygame.K_SPACE, pygame.K_RETURN, pygame.K_KP_ENTER)
+        elif ev.type == pygame.MOUSEMOTION:
+            keys.mouse = np.array(ev.pos, dtype=np.float64)
+    return keys
+
+
+def _open_window(check_display: bool) -> Any:
+    """The 512 px window; with a real operator, refuse when no one could see it."""
+    import pygame
+
+    from envs.pusht import WINDOW_SIZE
+
+    problem = display_problem() if check_display else None
+    if problem:
+        raise UserError(f"dp data record needs a window to teleoperate in: {problem}")
+    try:
+        pygame.display.init()
+        return pygame.display.set_mode((WINDOW_SIZE, WINDOW_SIZE))
+    except pygame.error as e:
+        raise UserError(f"cannot open a window ({e}); record needs a display") from e
+
+
+class _Session:
+    """One recording session: the env, the episode being recorded, and the store it is saved to."""
+
+    def __init__(self, path: Path, seed_start: int | None) -> None:
+        from envs.pusht import WINDOW_SIZE, PushTEnv
+
+        if seed_start is not None and seed_start < 0:
+            raise UserError(f"--seed-start must be >= 0, got {seed_start}")
+        self.path, self.buf = path, _open_store(path)
+        self.n_stored = 0 if self.buf is None else self.buf.n_episodes
+        self.seed = self.n_stored if seed_start is None else int(seed_start)
+        # Observations are the 96 px image (no action cross) + agent xy; the window shows a 512 px render.
+        self.env = PushTEnv(
+            obs_type="pixels_agent_pos", render_mode="rgb_array", render_size=WINDOW_SIZE
+        )
+        self.summary = RecordSummary()
+
+    def start(self) -> None:
+        import pygame
+
+        self.obs, self.info = self.env.reset(seed=self.seed)
+        self.frames, self.actions, self.active = [], [], False
+        pygame.display.set_caption(
+            f"Push-T record: seed {self.seed}, {self.n_stored} episodes in store"
+        )
+
+    def step(self, mouse: np.ndarray) -> None:
+        self.frames.append(frame(self.obs, self.info))
+        self.actions.append(mouse.copy())
+        self.obs, _, success, _, self.info = self.env.step(mouse)
+        if success:
+            self.save(success=True)
+
+    def save(self, success: bool) -> None:
+        self.buf = _save(self.buf, self.path, stack_episode(self.frames, self.actions))
+        self.n_stored = self.buf.n_episodes
+        self.summary.saved.append((self.seed, len(self.actions), success))
+        how = "success" if success else "ended by operator"
+        print(
+            f"saved episode {self.n_stored - 1} (seed {self.seed}): {len(self.actions)} steps, {how}"
+        )
+        self.seed += 1
+        self.start()
+
+
 def record(
     out: str | os.PathLike,
     seed_start: int | None = None,
@@ -79,100 +160,49 @@ def record(
 ) -> RecordSummary:
     """Run the teleop loop until the operator quits; returns what was saved.
 
-    `events(info)` replaces `pygame.event.get()` (the operator sees the current env info); `fps=0`
-    runs as fast as the events come (tests).
+    `events(info)` replaces `pygame.event.get()` (the operator sees the current env info) and skips
+    the display check; `fps=0` runs as fast as the events come (tests).
     """
     os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
     import pygame
 
-    from envs.pusht import WINDOW_SIZE, PushTEnv
-
-    if seed_start is not None and seed_start < 0:
-        raise UserError(f"--seed-start must be >= 0, got {seed_start}")
-    path = Path(out)
-    buf = _open_store(path)
-    n_stored = 0 if buf is None else buf.n_episodes
-    seed = n_stored if seed_start is None else int(seed_start)
-    try:
-        pygame.display.init()
-        screen = pygame.display.set_mode((WINDOW_SIZE, WINDOW_SIZE))
-    except pygame.error as e:
-        raise UserError(
-            f"cannot open a window ({e}); record needs a display (SDL_VIDEODRIVER=dummy runs headless)"
-        ) from e
+    session = _Session(Path(out), seed_start)
+    screen = _open_window(check_display=events is None)
     clock = pygame.time.Clock()
-    # Observations are the 96 px image (no action cross) + agent xy; the window shows a 512 px render.
-    env = PushTEnv(obs_type="pixels_agent_pos", render_mode="rgb_array", render_size=WINDOW_SIZE)
-    summary = RecordSummary()
     get_events = events or (lambda info: pygame.event.get())
-
-    def start() -> tuple[Any, dict, list, list]:
-        obs, info = env.reset(seed=seed)
-        pygame.display.set_caption(f"Push-T record: seed {seed}, {n_stored} episodes in store")
-        return obs, info, [], []
-
-    def save(success: bool) -> None:
-        nonlocal seed, buf, n_stored
-        buf = _save(buf, path, stack_episode(frames, actions))
-        n_stored = buf.n_episodes
-        summary.saved.append((seed, len(actions), success))
-        how = "success" if success else "ended by operator"
-        print(f"saved episode {n_stored - 1} (seed {seed}): {len(actions)} steps, {how}")
-        seed += 1
-
     print(
-        f"recording into {path} from seed {seed}: move the mouse onto the blue disc to take control; "
-        "Space/Enter saves, R retries, Q quits"
+        f"recording into {session.path} from seed {session.seed}: move the mouse onto the blue disc "
+        "to take control; Space/Enter saves, R retries, Q quits"
     )
-    obs, info, frames, actions = start()
-    mouse: np.ndarray | None = None
-    active = False
+    session.start()
+    mouse = None
     try:
         while True:
-            quit_, retry, done = False, False, False
-            for ev in get_events(info):
-                if ev.type == pygame.QUIT:
-                    quit_ = True
-                elif ev.type == pygame.KEYDOWN:
-                    if ev.key in (pygame.K_q, pygame.K_ESCAPE):
-                        quit_ = True
-                    elif ev.key == pygame.K_r:
-                        retry = True
-                    elif ev.key in (pygame.K_SPACE, pygame.K_RETURN, pygame.K_KP_ENTER):
-                        done = True
-                elif ev.type == pygame.MOUSEMOTION:
-                    mouse = np.array(ev.pos, dtype=np.float64)
-            if quit_:
-                if actions:
-                    print(f"quit: discarded the unfinished episode ({len(actions)} steps)")
+            keys = _read_keys(get_events(session.info))
+            mouse = mouse if keys.mouse is None else keys.mouse
+            if keys.quit:
+                if session.actions:
+                    print(f"quit: discarded the unfinished episode ({len(session.actions)} steps)")
                 break
-            if retry or (done and actions):
-                if done:
-                    save(success=False)
-                else:
-                    print(f"retry: discarded {len(actions)} steps; seed {seed} again")
-                obs, info, frames, actions = start()
-                active = False
+            if keys.done and session.actions:
+                session.save(success=False)
                 continue
-            if not active and mouse is not None:
-                active = bool(np.linalg.norm(mouse - info["pos_agent"]) < TELEOP_RADIUS)
-            if active:
-                frames.append(frame(obs, info))
-                actions.append(mouse.copy())
-                obs, _, success, _, info = env.step(mouse)
-                if success:
-                    save(success=True)
-                    obs, info, frames, actions = start()
-                    active = False
-            _draw(screen, env, info, None if active else TELEOP_RADIUS)
+            if keys.retry:
+                print(f"retry: discarded {len(session.actions)} steps; seed {session.seed} again")
+                session.start()
+                continue
+            session.active = session.active or picked_up(mouse, session.info["pos_agent"])
+            if session.active:
+                session.step(mouse)
+            _draw(screen, session.env, session.info, None if session.active else TELEOP_RADIUS)
             if fps > 0:
                 clock.tick(fps)
     finally:
-        env.close()
+        session.env.close()
         pygame.display.quit()
-    summary.n_episodes_in_store = n_stored
-    print(f"saved {len(summary.saved)} episode(s); {path} holds {n_stored}")
-    return summary
+    session.summary.n_episodes_in_store = session.n_stored
+    print(f"saved {len(session.summary.saved)} episode(s); {session.path} holds {session.n_stored}")
+    return session.summary
 
 
 def _draw(screen: Any, env: Any, info: dict[str, Any], ring: float | None) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import os
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,10 @@ from diffusion_policy.errors import DataError
 CHUNK_BYTES = 2_000_000  # ~2 MB chunks, as in the original (see PUSHT_SPEC.md §2.1)
 EPISODE_ENDS_CHUNK = 4096  # 32 KB of int64; appending never rechunks
 _META_FILES = {".zarray", ".zattrs", ".zgroup", ".zmetadata", "zarr.json"}
+# Value checks on every read (see _check_values, _check_outliers): corrupt chunks must not train silently.
+PLAUSIBLE_ABS = 1e6  # no low-dim value or action of any robot is this large (px, mm, rad, counts)
+OUTLIER_FACTOR = 1000.0  # robust ranges from the median beyond which one value is taken as corrupt
+LOW_DIM_MAX = 1024  # values per frame up to which an array is low-dim and gets the outlier check
 
 
 def get_optimal_chunks(
@@ -101,14 +105,44 @@ def _check_ends(path: object, ends: np.ndarray) -> list[str]:
     return problems
 
 
-def _check_finite(path: object, key: str, x: np.ndarray, offset: int = 0) -> str | None:
-    if x.dtype.kind != "f":
+def _check_values(path: object, key: str, x: np.ndarray, offset: int = 0) -> str | None:
+    """NaN/Inf, or a magnitude no robot's data has (|x| > PLAUSIBLE_ABS): decoded garbage or a dtype
+    that does not match the bytes (a float32 chunk read as int32 gives about 1e9). Two reductions;
+    the element-wise scan runs only when they fail."""
+    if x.dtype.kind not in "iuf" or x.size == 0 or (x.dtype.kind in "iu" and x.dtype.itemsize < 4):
+        return None  # bool and (u)int8/16 cannot exceed the bound
+    lo, hi = x.min(), x.max()
+    if -PLAUSIBLE_ABS <= lo and hi <= PLAUSIBLE_ABS:  # False for NaN as well
         return None
-    bad = ~np.isfinite(x)
-    if bad.any():
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        bad = ~np.isfinite(x)
         first = offset + int(np.argwhere(bad)[0][0])
         return f"{path}: data/{key}: {int(bad.sum())} NaN/Inf value(s), first at frame {first}"
-    return None
+    big = np.abs(x.astype(np.float64)) > PLAUSIBLE_ABS
+    where = np.argwhere(big)[0]
+    return (
+        f"{path}: data/{key}: {int(big.sum())} value(s) beyond ±{PLAUSIBLE_ABS:.0e}, first "
+        f"{float(x[tuple(where)]):.3g} at frame {offset + int(where[0])} "
+        "(a corrupt chunk, or a dtype that does not match the stored bytes)"
+    )
+
+
+def _check_outliers(path: object, key: str, x: np.ndarray) -> str | None:
+    """A low-dim value OUTLIER_FACTOR robust ranges (1st..99th percentile, at least |median| and 1)
+    away from its dimension's median: one corrupt value among plausible ones."""
+    if x.dtype.kind not in "iuf" or len(x) < 2 or math.prod(x.shape[1:]) > LOW_DIM_MAX:
+        return None
+    flat = x.reshape(len(x), -1).astype(np.float64)
+    lo, med, hi = np.percentile(flat, [1.0, 50.0, 99.0], axis=0)
+    scale = np.maximum(np.maximum(hi - lo, np.abs(med)), 1.0)
+    far = np.abs(flat - med) > OUTLIER_FACTOR * scale
+    if not far.any():
+        return None
+    t, d = (int(v) for v in np.argwhere(far)[0])
+    return (
+        f"{path}: data/{key}: {int(far.sum())} implausible value(s), first {flat[t, d]:.3g} at frame "
+        f"{t} (dim {d}; the data's 1..99th percentile range is {lo[d]:.3g}..{hi[d]:.3g})"
+    )
 
 
 def _blosc_last(arr: zarr.Array) -> bool:
@@ -121,6 +155,13 @@ def _blosc_last(arr: zarr.Array) -> bool:
     return len(codecs) >= 2 and type(codecs[-1]).__name__ == "BloscCodec"
 
 
+def _n_chunk_files(arr: zarr.Array) -> int:
+    """Files a fully written array has: one per chunk, or one per shard (zarr 3's sharding codec packs
+    many chunks into one file, whose index zarr checks with its own crc32c on every read)."""
+    grid = arr.shards or arr.chunks
+    return math.prod(math.ceil(n / c) for n, c in zip(arr.shape, grid))
+
+
 def _chunk_file_problems(root: Path, key: str, arr: zarr.Array) -> list[str]:
     """Missing chunk files, and Blosc chunks whose header size disagrees with the file (truncation).
 
@@ -129,9 +170,10 @@ def _chunk_file_problems(root: Path, key: str, arr: zarr.Array) -> list[str]:
     adir = root / arr.path
     files = [Path(d) / f for d, _, fs in os.walk(adir) for f in fs if f not in _META_FILES]
     problems = []
-    if arr.size and len(files) < arr.nchunks:
+    n_files, what = _n_chunk_files(arr), "shard" if arr.shards else "chunk"
+    if arr.size and len(files) < n_files:
         problems.append(
-            f"{root}: {key}: {arr.nchunks - len(files)} of {arr.nchunks} chunk files missing "
+            f"{root}: {key}: {n_files - len(files)} of {n_files} {what} files missing "
             "(deleted, or never written because all values equal fill_value)"
         )
     if _blosc_last(arr):
@@ -317,11 +359,15 @@ class ReplayBuffer:
             yield start, self.read(key, slice(start, min(n, start + step)))
 
     def read(self, key: str, sel: slice = slice(None)) -> np.ndarray:
-        """A numpy copy (or view, numpy backend) of `data[key][sel]`, checked for NaN/Inf."""
+        """A numpy copy (or view, numpy backend) of `data[key][sel]`, checked for NaN/Inf and absurd
+        magnitudes; a whole low-dim array is also checked for outliers against its own robust range."""
         arr = self[key]
         x = _read(self.path, f"data/{key}", arr, sel) if isinstance(arr, zarr.Array) else arr[sel]
         start = (sel.start or 0) if isinstance(sel, slice) else 0
-        problem = _check_finite(self.path or "<memory>", key, x, start)
+        where = self.path or "<memory>"
+        problem = _check_values(where, key, x, start)
+        if problem is None and sel == slice(None):
+            problem = _check_outliers(where, key, x)
         if problem:
             raise DataError(problem)
         return x
@@ -359,7 +405,7 @@ class ReplayBuffer:
                 f"{where}: episode keys {sorted(ep)} differ from the store's {sorted(self._data)}"
             )
         for k, v in ep.items():
-            problem = _check_dtype(where, f"data/{k}", v.dtype) or _check_finite(
+            problem = _check_dtype(where, f"data/{k}", v.dtype) or _check_values(
                 where, k, v, self.n_steps
             )
             if problem:
@@ -431,16 +477,45 @@ class ReplayBuffer:
         return p
 
 
-def _members(path: Path, g: zarr.Group) -> tuple[dict[str, zarr.Array], zarr.Array]:
+def _node(path: Path, g: zarr.Group, key: str) -> zarr.Array | zarr.Group:
+    """One member, opened on its own: a bad .zarray is one DataError naming the key (never several
+    concurrent zarr tasks whose exceptions asyncio would print as "Task exception was never retrieved")."""
     try:
-        data_g = g["data"]
+        return g[key]
+    except KeyError:
+        raise
+    except Exception as e:  # metadata zarr cannot parse: an unknown dtype, bad JSON, ...
+        raise DataError(f"{path}: {key}: unreadable metadata ({type(e).__name__}: {e})") from e
+
+
+def _members(
+    path: Path, g: zarr.Group, problems: list[str] | None = None
+) -> tuple[dict[str, zarr.Array], zarr.Array]:
+    """data/<key> arrays (sorted by key) and meta/episode_ends. Unreadable arrays raise, or, given
+    `problems`, are reported there and left out."""
+    try:
+        _node(path, g, "data")
     except KeyError:
         raise DataError(f"{path}: missing group data/ (not a replay-buffer store)") from None
     try:
-        ends = g["meta/episode_ends"]
+        ends = _node(path, g, "meta/episode_ends")
     except KeyError:
         raise DataError(f"{path}: missing key meta/episode_ends") from None
-    data = {k: v for k, v in data_g.arrays()}
+    data = {}
+    # One member at a time, by name: Group.arrays() opens them concurrently (see _node).
+    names = sorted(d.name for d in (path / "data").iterdir() if d.is_dir())
+    for name in names:
+        try:
+            node = _node(path, g, f"data/{name}")
+        except KeyError:
+            continue  # a directory that is no zarr node
+        except DataError as e:
+            if problems is None:
+                raise
+            problems.append(str(e))
+            continue
+        if isinstance(node, zarr.Array):
+            data[name] = node
     return data, ends
 
 
@@ -476,22 +551,29 @@ def _structure_problems(
     return problems
 
 
-def validate(path: str | os.PathLike) -> list[str]:
-    """Every problem found in a store (empty list: valid). Decodes every chunk, so it reads all data."""
+def validate(
+    path: str | os.PathLike, visit: Callable[[str, np.ndarray], None] | None = None
+) -> list[str]:
+    """Every problem found in a store (empty list: valid). Decodes every chunk, so it reads all data;
+    `visit(key, block)` sees each decoded block of each data key in order (to digest it on the way)."""
     p = Path(path)
+    problems: list[str] = []
     try:
         g = _open_group(p, "r")
-        data, ends = _members(p, g)
+        data, ends = _members(p, g, problems)
     except DataError as e:
         return [str(e)]
-    problems = _structure_problems(p, g, data, ends, chunk_keys=list(data))
-    if not data:
+    problems += _structure_problems(p, g, data, ends, chunk_keys=list(data))
+    if not data and not problems:
         problems.append(f"{p}: data/ holds no arrays")
     buf = ReplayBuffer(data, ends, path=p, group=g)
-    for k in data:
-        try:
-            for _ in buf.iter_blocks(k):
-                pass
+    for k, arr in data.items():
+        low_dim = math.prod(arr.shape[1:]) <= LOW_DIM_MAX
+        try:  # a low-dim key is read whole, so its outliers are judged against all of its frames
+            blocks = [(0, buf.read(k))] if low_dim else buf.iter_blocks(k)
+            for _, block in blocks:
+                if visit is not None:
+                    visit(k, block)
         except DataError as e:
             problems.append(str(e))
     return problems

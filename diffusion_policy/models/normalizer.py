@@ -2,7 +2,9 @@
 
 Statistics are fitted once from the dataset and saved with the weights, so a checkpoint can never be
 evaluated with another dataset's scaling. Every lookup is strict: a key that was not declared, or a
-key that was declared but never fitted, raises instead of passing raw values through.
+key that was declared but never fitted, raises instead of passing raw values through. Fitting refuses
+statistics no real data has (non-finite, or beyond MAX_ABS): they come from corrupt data, and a policy
+trained on them outputs garbage or NaN with normal-looking losses.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from diffusion_policy.errors import DataError
+
+MAX_ABS = 1e6  # statistics beyond this are refused: the data layer's plausible-magnitude bound
 Mode = Literal["limits", "gaussian"]
 
 
@@ -22,6 +27,18 @@ class NormalizerError(KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0])
+
+
+def _check_stats(key: str, stats: Mapping[str, torch.Tensor]) -> None:
+    """One line naming the key and the first statistic that is non-finite or beyond MAX_ABS."""
+    for name, v in stats.items():
+        bad = ~(v.abs() <= MAX_ABS)  # True for NaN and Inf too
+        if bad.any():
+            d = int(torch.nonzero(bad)[0, 0])
+            raise DataError(
+                f"cannot fit normaliser key {key!r}: {name}[{d}] = {float(v[d]):.3g} is non-finite or "
+                f"beyond ±{MAX_ABS:.0e}: the training data is corrupt (check it with `dp data validate`)"
+            )
 
 
 class LinearNormalizer(nn.Module):
@@ -84,10 +101,11 @@ class LinearNormalizer(nn.Module):
                 else torch.from_numpy(np.asarray(value))
             )
             x = x.to(torch.float64).reshape(-1, self.dims[key])
-            if x.shape[0] == 0 or not torch.isfinite(x).all():
-                raise ValueError(f"cannot fit normaliser key {key!r}: empty or non-finite data")
+            if x.shape[0] == 0:
+                raise DataError(f"cannot fit normaliser key {key!r}: no data")
             xmin, xmax = x.min(0).values, x.max(0).values
             mean, std = x.mean(0), x.std(0, unbiased=False)
+            _check_stats(key, {"min": xmin, "max": xmax, "mean": mean, "std": std})
             if mode == "limits":
                 rng = xmax - xmin
                 const = rng < eps
