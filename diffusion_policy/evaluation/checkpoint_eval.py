@@ -111,7 +111,14 @@ def check_writable(out: Path) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise UserError(f"cannot write evaluation results to {out}: {e.strerror or e}") from None
+        raise UserError(f"cannot write evaluation results to {out}: {os_reason(e)}") from None
+
+
+def os_reason(e: OSError) -> str:
+    """Why a write failed, in words: mkdir on a file says only 'File exists'."""
+    if isinstance(e, FileExistsError):
+        return f"{e.filename} is a file, not a directory"
+    return f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
 
 
 def evaluate_checkpoint(checkpoint: str | Path, opts: EvalOptions) -> tuple[dict[str, Any], Path]:
@@ -123,7 +130,11 @@ def evaluate_checkpoint(checkpoint: str | Path, opts: EvalOptions) -> tuple[dict
     path, cfg, _ = read_checkpoint_meta(checkpoint)
     ecfg = _eval_config(cfg.eval, opts)
     mode = opts.mode
-    out = Path(opts.out) if opts.out else default_out_dir(path, ecfg.seed_start, ecfg.n_episodes, mode)  # fmt: skip
+    out = (
+        Path(opts.out)
+        if opts.out
+        else default_out_dir(path, ecfg.seed_start, ecfg.n_episodes, mode)
+    )
     check_writable(out)
     policy = None
     if not opts.server:
@@ -199,10 +210,16 @@ def _realtime(policy, cfg, ecfg, out, opts, seed, info, checkpoint) -> dict[str,
         else:
             planners = local_planners(policy, seeds)
         return evaluate_realtime(
-            planners, cfg.policy.n_obs_steps, cfg.task, ecfg, out,
+            planners,
+            cfg.policy.n_obs_steps,
+            cfg.task,
+            ecfg,
+            out,
             n_robots=opts.robots or ecfg.n_envs or min(ecfg.n_episodes, 8),
-            ensemble_decay=opts.ensemble, replan_every=opts.replan_every, info=info,
-        )  # fmt: skip
+            ensemble_decay=opts.ensemble,
+            replan_every=opts.replan_every,
+            info=info,
+        )
 
 
 def summary_lines(metrics: dict[str, Any], out: Path) -> list[str]:

@@ -124,7 +124,15 @@ def evaluate(
             pad = n_envs - len(wave)  # the last wave's spare envs rerun its last seed, unrecorded
             paths = [video_path(out, w + i, s, cfg.n_videos) for i, s in enumerate(wave)]
             on_step = tracker.wave(len(wave))
-            r = _run_wave(venv, actor, task.obs_type, wave + wave[-1:] * pad, paths + [None] * pad, cfg, on_step)  # fmt: skip
+            r = _run_wave(
+                venv,
+                actor,
+                task.obs_type,
+                wave + wave[-1:] * pad,
+                paths + [None] * pad,
+                cfg,
+                on_step,
+            )
             for k in results:
                 results[k].extend(r[k][: len(wave)])
         finished = True
