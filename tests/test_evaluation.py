@@ -1,8 +1,11 @@
-"""Evaluation metrics, chunked execution, and env workers that crash or hang."""
+"""Evaluation metrics, chunked execution, progress, and env workers that crash, hang, stop or die."""
 
 from __future__ import annotations
 
 import os
+import signal
+import threading
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -11,7 +14,8 @@ import pytest
 import envs  # noqa: F401
 from diffusion_policy.chunking import ObsHistory
 from diffusion_policy.config import EvalConfig, TaskConfig
-from diffusion_policy.evaluation.rollout import EvalError, evaluate, summarize
+from diffusion_policy.evaluation.metrics import summarize
+from diffusion_policy.evaluation.rollout import EvalError, evaluate
 from envs.pusht import PushTEnv
 
 
@@ -25,16 +29,25 @@ class HoldStill:
 
 
 class CrashingEnv(PushTEnv):
-    def __init__(self, mode: str = "raise", **kw):
+    """Fails at its third step: raises, exits, stops (SIGSTOP) or kills (SIGKILL) its own process.
+
+    With `pid_dir`, each worker leaves a file named after its pid, so a test can check that none
+    outlives the evaluation."""
+
+    def __init__(self, mode: str = "raise", pid_dir: str | None = None, **kw):
         super().__init__(**kw)
         self.mode, self.n = mode, 0
+        if pid_dir:
+            (Path(pid_dir) / str(os.getpid())).touch()
 
     def step(self, action):
         self.n += 1
         if self.n == 3:
             if self.mode == "raise":
                 raise RuntimeError("simulated physics failure")
-            os._exit(1)  # the worker process dies without a word
+            if self.mode == "die":
+                os._exit(1)  # the worker process dies without a word
+            os.kill(os.getpid(), {"stop": signal.SIGSTOP, "kill": signal.SIGKILL}[self.mode])
         return super().step(action)
 
 
@@ -120,34 +133,90 @@ def test_summary_statistics():
     assert 0.0 < lo < 0.5 < hi < 1.0
 
 
+def _crashing_env_factory(monkeypatch, **env_kwargs) -> None:
+    import diffusion_policy.evaluation.rollout as ev
+
+    def make(env_id, obs_type, max_steps, video_size):
+        env = gym.make(
+            env_id,
+            obs_type=obs_type,
+            render_mode="rgb_array",
+            max_episode_steps=max_steps,
+            **env_kwargs,
+        )
+        return ev.VideoRecorder(env)
+
+    monkeypatch.setattr(ev, "make_env", make)
+
+
 @pytest.mark.filterwarnings(
     "ignore::pytest.PytestUnraisableExceptionWarning"
 )  # the dead worker's pipe
 @pytest.mark.parametrize("mode", ["raise", "die"])
-def test_crashed_env_worker_is_reported_not_waited_on(mode):
+def test_crashed_env_worker_is_reported_not_waited_on(mode, monkeypatch):
     task = TaskConfig(env_id="CrashingPushT-v0", obs_type="keypoints")
     cfg = EvalConfig(n_episodes=2, max_steps=20, vector="async", n_videos=0, worker_timeout_s=20)
-    import diffusion_policy.evaluation.rollout as ev
+    _crashing_env_factory(monkeypatch, mode=mode)
+    with pytest.raises(EvalError, match="env worker"):
+        evaluate(HoldStill(), task, cfg, progress=False)
 
-    orig = ev.make_env
 
-    def make(env_id, obs_type, max_steps, video_size):
-        return ev.VideoRecorder(
-            gym.make(
-                env_id,
-                obs_type=obs_type,
-                mode=mode,
-                render_mode="rgb_array",
-                max_episode_steps=max_steps,
-            )
-        )
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("mode", ["stop", "kill"])
+def test_stopped_or_killed_env_worker_is_reported_and_its_processes_ended(
+    mode, monkeypatch, tmp_path
+):
+    """Issue 17 item 6: gymnasium's close() waited forever on a stopped or killed worker's pipe."""
+    task = TaskConfig(env_id="CrashingPushT-v0", obs_type="keypoints")
+    cfg = EvalConfig(n_episodes=3, max_steps=20, vector="async", n_videos=0, worker_timeout_s=2)
+    _crashing_env_factory(monkeypatch, mode=mode, pid_dir=str(tmp_path))
+    raised: list[BaseException] = []
 
-    ev.make_env = make
-    try:
-        with pytest.raises(EvalError, match="env worker"):
+    def run() -> None:
+        try:
             evaluate(HoldStill(), task, cfg, progress=False)
-    finally:
-        ev.make_env = orig
+        except BaseException as e:
+            raised.append(e)
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    th.join(120)  # generous: a hang is forever, the fix takes about worker_timeout_s
+    # gymnasium builds one env in this process too, to read the spaces
+    pids = [int(p.name) for p in tmp_path.iterdir() if int(p.name) != os.getpid()]
+    alive = [pid for pid in pids if _running(pid)]
+    for pid in alive:  # never leave a stopped process behind, even when the test fails
+        os.kill(pid, signal.SIGKILL)
+    assert not th.is_alive(), "evaluation hung on a stopped or killed env worker"
+    assert len(pids) == 3 and not alive
+    assert len(raised) == 1 and isinstance(raised[0], EvalError)
+    assert "env worker" in str(raised[0]) and "\n" not in str(raised[0])
+    if mode == "kill":
+        assert "SIGKILL" in str(raised[0])
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an unreaped worker counts as ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_progress_moves_every_env_step_within_one_wave():
+    """The default one wave of every episode used to show 0/N until it ended."""
+    task = TaskConfig(env_id="EndsEarlyPushT-v0", obs_type="keypoints")
+    calls: list[tuple[int, int]] = []
+    evaluate(
+        HoldStill(),
+        task,
+        EvalConfig(n_episodes=4, max_steps=50, vector="sync", n_videos=0),
+        progress=lambda steps, episodes: calls.append((steps, episodes)),
+    )
+    # the longest of the four episodes is 6 steps: one report per step of the one wave
+    assert len(calls) == 6
+    assert calls == sorted(calls) and calls[0][1] == 0
+    assert calls[-1] == (4 * 50, 4)
 
 
 def test_obs_history_pads_with_the_first_frame():

@@ -6,7 +6,6 @@ import argparse
 import os
 
 from diffusion_policy.cli.sampler_options import add_sampler_arguments
-from diffusion_policy.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,9 +43,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
         default=None,
-        help="output dir (default: <checkpoint>/eval-<seed_start>-<episodes>)",
+        help="output dir (default: RUN/eval/<checkpoint>-<seed_start>-<episodes>[-mode] for a "
+        "checkpoint of a run, where pruning never reaches; else beside the checkpoint)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="sampling noise seed")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="sampling noise seed (default: the checkpoint's train.seed, as the training loop's "
+        "own evaluation, so a checkpoint scores the same both ways)",
+    )
     g = parser.add_argument_group(
         "policy server and real-time pacing (see diffusion_policy/serving)"
     )
@@ -87,82 +93,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-    from pathlib import Path
-
-    from diffusion_policy.checkpoint import load_policy, read_checkpoint_meta, resolve_checkpoint
-    from diffusion_policy.cli.sampler_options import apply_sampler_arguments
-    from diffusion_policy.evaluation.rollout import Actor, check_server, evaluate
-
-    if args.server:
-        _, cfg, _ = read_checkpoint_meta(args.checkpoint)  # the task and eval settings
-        policy = None
-    else:
-        policy, cfg, _ = load_policy(args.checkpoint, device=args.device)
-    ecfg = replace(
-        cfg.eval,
-        **{
-            k: v
-            for k, v in dict(
-                n_episodes=args.episodes,
-                seed_start=args.seed_start,
-                max_steps=args.max_steps,
-                n_envs=args.n_envs,
-                n_videos=args.videos,
-                vector="sync" if args.sync else None,
-            ).items()
-            if v is not None
-        },
+    from diffusion_policy.evaluation.checkpoint_eval import (
+        EvalOptions,
+        evaluate_checkpoint,
+        summary_lines,
     )
-    if policy is not None:
-        apply_sampler_arguments(policy, args)
-    if args.server and (args.sampler or args.inference_steps or args.timestep_spacing):
-        raise UserError(
-            "--sampler/--inference-steps/--timestep-spacing apply in-process; pass them to `dp serve`"
-        )
-    mode = ("realtime-" if args.realtime else "") + ("server" if args.server else "")
-    out = (
-        Path(args.out)
-        if args.out
-        else resolve_checkpoint(args.checkpoint)
-        / f"eval-{ecfg.seed_start}-{ecfg.n_episodes}{'-' + mode if mode else ''}"
-    )
-    clients = []
-    try:
-        if args.realtime:
-            from diffusion_policy.evaluation.realtime import evaluate_checkpoint_realtime
 
-            metrics = evaluate_checkpoint_realtime(
-                policy, cfg, ecfg, out, clients, server=args.server, token=args.token,
-                checkpoint=args.checkpoint, seed=args.seed, robots=args.robots,
-                ensemble=args.ensemble, replan_every=args.replan_every,
-            )  # fmt: skip
-        elif args.server:
-            from diffusion_policy.serving.client import ClientError, PolicyClient, RemoteActor
-
-            try:
-                clients.append(PolicyClient(args.server, token=args.token))
-                check_server(clients[0].metadata, cfg, args.checkpoint)
-                actor = RemoteActor(clients[0], seed=args.seed)
-                metrics = evaluate(actor, cfg.task, ecfg, out_dir=out)
-            except ClientError as e:  # server down, refused token, bad request: one line
-                raise UserError(f"policy server {args.server}: {e}") from None
-        else:
-            metrics = evaluate(Actor(policy, seed=args.seed), cfg.task, ecfg, out_dir=out)
-    finally:
-        for c in clients:
-            c.close()
-    print(
-        f"mean_score {metrics['mean_score']:.3f} [{metrics['mean_score_ci95'][0]:.3f}, {metrics['mean_score_ci95'][1]:.3f}]  "
-        f"success_rate {metrics['success_rate']:.3f}  mean_final_coverage {metrics['mean_final_coverage']:.3f}  "
-        f"({metrics['n_episodes']} episodes from seed {ecfg.seed_start}, {metrics['wall_time_s']:.0f} s)"
-    )
-    if "realtime" in metrics:
-        rt = metrics["realtime"]
-        print(
-            f"realtime {rt['control_hz']:g} Hz, {rt['n_robots']} robots: plan latency p50 {rt['plan_latency_ms_p50']:.1f} ms "
-            f"p99 {rt['plan_latency_ms_p99']:.1f} ms, {rt['plans']} plans, {rt['dropped_actions']} stale actions dropped, "
-            f"{rt['hold_ticks']}/{rt['steps']} ticks held, {rt['late_ticks']} late ticks"
-        )
-    print(f"wrote {out / 'metrics.json'}")
+    opts = EvalOptions(
+        episodes=args.episodes, seed_start=args.seed_start, max_steps=args.max_steps,
+        n_envs=args.n_envs, videos=args.videos, sync=args.sync, device=args.device, out=args.out,
+        seed=args.seed, sampler=args.sampler, inference_steps=args.inference_steps,
+        timestep_spacing=args.timestep_spacing, backend=args.backend, server=args.server,
+        token=args.token, realtime=args.realtime, robots=args.robots, ensemble=args.ensemble,
+        replan_every=args.replan_every,
+    )  # fmt: skip
+    metrics, out = evaluate_checkpoint(args.checkpoint, opts)
+    print("\n".join(summary_lines(metrics, out)))
     return 0

@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "distill": "distill a trained diffusion policy into a 1- or 2-step sampler",
     "export": "export a diffusion policy's sampling loop as one ONNX or TorchScript file",
     "sim": "replay, render or play Push-T episodes",
+    "report": "draw a run directory (losses, learning rate, eval scores, videos) as one PNG",
     "quickstart": "get data, train the CPU preset and evaluate it",
 }
 

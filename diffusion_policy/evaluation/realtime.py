@@ -15,13 +15,18 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from diffusion_policy.chunking import RealtimeController, as_obs_dict
+from diffusion_policy.evaluation.metrics import finish_metrics, summarize
+from diffusion_policy.evaluation.rollout import EvalError, make_env, video_path
 
 Planner = Callable[[dict[str, np.ndarray]], np.ndarray]  # obs {key: (To, ...)} -> actions (Ta, Da)
 
@@ -72,6 +77,89 @@ def run_episode_realtime(
     }
 
 
+@dataclass
+class _Fleet:
+    """What the robot threads share: the episodes still to run, results by seed, plan latencies,
+    and the first error (which stops every robot at its next episode)."""
+
+    todo: list[tuple[int, int]]  # (episode index, seed)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    results: dict[int, dict[str, Any]] = field(default_factory=dict)
+    latencies: list[float] = field(default_factory=list)
+    errors: list[BaseException] = field(default_factory=list)
+
+    def next_episode(self) -> tuple[int, int] | None:
+        with self.lock:
+            return None if self.errors or not self.todo else self.todo.pop(0)
+
+    def record(self, seed: int, result: dict[str, Any], latencies: list[float]) -> None:
+        with self.lock:
+            self.results[seed] = result
+            self.latencies.extend(latencies)
+
+    def fail(self, error: BaseException) -> None:
+        with self.lock:
+            self.errors.append(error)
+
+    def run(self, n_robots: int, robot: Callable[..., None]) -> None:
+        """Run `robot(index, fleet)` in n_robots threads until done; raise the first error."""
+        threads = [
+            threading.Thread(target=robot, args=(i, self), name=f"robot-{i}", daemon=True)
+            for i in range(n_robots)
+        ]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        if self.errors:
+            e = self.errors[0]
+            raise EvalError(f"realtime rollout failed: {type(e).__name__}: {e}") from e
+
+
+def _robot(
+    index: int,
+    fleet: _Fleet,
+    make_planner: Callable[[int], Planner],
+    make_controller: Callable[[Planner], RealtimeController],
+    task: Any,
+    cfg: Any,
+    out: Path | None,
+) -> None:
+    """One robot thread: its own planner and env, episodes taken from the fleet until none is left."""
+    try:
+        planner = make_planner(index)
+        env = make_env(task.env_id, task.obs_type, cfg.max_steps, cfg.video_size)
+        try:
+            while (job := fleet.next_episode()) is not None:
+                n, seed = job
+                env.video_path = video_path(out, n, seed, cfg.n_videos)
+                ctrl = make_controller(planner)
+                try:
+                    r = run_episode_realtime(env, seed, ctrl, task.obs_type, cfg.max_steps)
+                finally:
+                    ctrl.close()
+                fleet.record(seed, r, ctrl.latencies[1:])  # the first plan is not paced
+        finally:
+            env.close()
+    except BaseException as e:
+        fleet.fail(e)
+
+
+def _timing(rows: list[dict[str, Any]], latencies: list[float]) -> dict[str, Any]:
+    """The wall-clock side of a realtime evaluation: plan latency and what the pacing cost."""
+    col = {k: int(sum(r[k] for r in rows)) for k in ("plans", "dropped", "holds", "late_ticks")}
+    lat = np.asarray(latencies) * 1e3 if latencies else np.zeros(1)
+    return {
+        "plan_latency_ms_p50": float(np.percentile(lat, 50)),
+        "plan_latency_ms_p99": float(np.percentile(lat, 99)),
+        "plans": col["plans"],
+        "dropped_actions": col["dropped"],
+        "hold_ticks": col["holds"],
+        "late_ticks": col["late_ticks"],
+        "steps": int(sum(r["steps"] for r in rows)),
+    }
+
+
 def evaluate_realtime(
     make_planner: Callable[[int], Planner],
     n_obs_steps: int,
@@ -83,159 +171,85 @@ def evaluate_realtime(
     ensemble_decay: float | None = None,
     replan_every: int | None = None,
     drop_margin_s: float = 0.0,
+    info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Like `evaluation.evaluate` (same seeds, same metrics) with robots paced at task.control_hz.
+    """Like `rollout.evaluate` (same seeds, same metrics) with robots paced at task.control_hz.
 
     `make_planner(i)` gives robot i its planner; robots take the next seed from a shared list.
     """
-    import json
-
-    from diffusion_policy.evaluation.rollout import EvalError, make_env, summarize
-
     out = Path(out_dir) if out_dir else None
     if out:
         (out / "videos").mkdir(parents=True, exist_ok=True)
     seeds = list(range(cfg.seed_start, cfg.seed_start + cfg.n_episodes))
-    dt = 1.0 / task.control_hz
-    todo = list(enumerate(seeds))
-    lock = threading.Lock()
-    results: dict[int, dict[str, Any]] = {}
-    latencies: list[float] = []
-    errors: list[BaseException] = []
-
-    def robot(index: int) -> None:
-        try:
-            planner = make_planner(index)
-            env = make_env(task.env_id, task.obs_type, cfg.max_steps, cfg.video_size)
-            try:
-                while not errors:
-                    with lock:
-                        if not todo:
-                            return
-                        n, seed = todo.pop(0)
-                    env.video_path = (
-                        str(out / "videos" / f"seed_{seed}.mp4")
-                        if out and n < cfg.n_videos
-                        else None
-                    )
-                    ctrl = RealtimeController(
-                        planner,
-                        n_obs_steps,
-                        dt,
-                        ensemble_decay=ensemble_decay,
-                        replan_every=replan_every,
-                        drop_margin_s=drop_margin_s,
-                    )
-                    try:
-                        r = run_episode_realtime(env, seed, ctrl, task.obs_type, cfg.max_steps)
-                    finally:
-                        ctrl.close()
-                    with lock:
-                        results[seed] = r
-                        latencies.extend(ctrl.latencies[1:])  # the first plan is not paced
-            finally:
-                env.close()
-        except BaseException as e:
-            with lock:
-                errors.append(e)
-
-    t_start = time.time()
-    threads = [
-        threading.Thread(target=robot, args=(i,), name=f"robot-{i}", daemon=True)
-        for i in range(max(1, min(n_robots, len(seeds))))
-    ]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    if errors:
-        e = errors[0]
-        raise EvalError(f"realtime rollout failed: {type(e).__name__}: {e}") from e
-    rows = [results[s] for s in seeds]
-    col = {k: np.asarray([r[k] for r in rows]) for k in rows[0]}
-    metrics = summarize(seeds, col["max_reward"], col["success"], col["final_cov"], col["steps"])
-    lat = np.asarray(latencies) * 1e3 if latencies else np.zeros(1)
+    fleet = _Fleet(list(enumerate(seeds)))
+    controller = partial(
+        RealtimeController,
+        n_obs_steps=n_obs_steps,
+        dt=1.0 / task.control_hz,
+        ensemble_decay=ensemble_decay,
+        replan_every=replan_every,
+        drop_margin_s=drop_margin_s,
+    )
+    t0 = time.time()
+    n_robots = max(1, min(n_robots, len(seeds)))
+    robot = partial(
+        _robot, make_planner=make_planner, make_controller=controller, task=task, cfg=cfg, out=out
+    )
+    fleet.run(n_robots, robot)
+    rows = [fleet.results[s] for s in seeds]
+    col = {
+        k: np.asarray([r[k] for r in rows]) for k in ("max_reward", "success", "final_cov", "steps")
+    }
+    metrics = summarize(seeds, *col.values())
     metrics["realtime"] = {
         "control_hz": task.control_hz,
-        "n_robots": len(threads),
-        "plan_latency_ms_p50": float(np.percentile(lat, 50)),
-        "plan_latency_ms_p99": float(np.percentile(lat, 99)),
-        "plans": int(col["plans"].sum()),
-        "dropped_actions": int(col["dropped"].sum()),
-        "hold_ticks": int(col["holds"].sum()),
-        "late_ticks": int(col["late_ticks"].sum()),
-        "steps": int(col["steps"].sum()),
+        "n_robots": n_robots,
+        **_timing(rows, fleet.latencies),
         "ensemble_decay": ensemble_decay,
         "replan_every": replan_every,
     }
-    metrics["wall_time_s"] = round(time.time() - t_start, 2)
-    metrics["seed_start"] = cfg.seed_start
-    if out:
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return metrics
+    return finish_metrics(metrics, started=t0, seed_start=cfg.seed_start, out=out, info=info)
 
 
-def evaluate_checkpoint_realtime(
-    policy: Any,
-    cfg: Any,
-    ecfg: Any,
-    out: Path,
-    clients: list,
-    *,
-    server: str | None,
-    token: str | None,
-    checkpoint: str,
-    seed: int,
-    robots: int | None,
-    ensemble: float | None,
-    replan_every: int | None,
-) -> dict[str, Any]:
-    """Wall-clock paced rollouts; each robot plans through its own server connection, or through
-    the in-process policy (one at a time, as robots sharing one local GPU would)."""
-    import itertools
-    import threading
-
+def local_planners(policy: Any, seeds: Iterator[int]) -> Callable[[int], Planner]:
+    """Planners on the in-process policy, one at a time (as robots sharing one local GPU would);
+    each plan draws its noise from the next seed."""
     import torch
 
-    from diffusion_policy.evaluation.rollout import check_server
+    lock = threading.Lock()
 
-    seeds = itertools.count(seed)
-    if server:
-        from diffusion_policy.serving.client import PolicyClient
+    def make_planner(i: int) -> Planner:
+        def plan(obs: dict[str, np.ndarray]) -> np.ndarray:
+            generator = torch.Generator(device=policy.device).manual_seed(next(seeds))
+            with lock, torch.no_grad():
+                out = policy.predict_action_chunk(
+                    {k: v[None] for k, v in obs.items()}, generator=generator
+                )
+            return out["action"][0].float().cpu().numpy()
 
-        lock = threading.Lock()
+        return plan
 
-        def make_planner(i: int):
-            client = PolicyClient(server, token=token)
-            with lock:
-                clients.append(client)
-            check_server(client.metadata, cfg, checkpoint)
-            return lambda obs: client.infer(obs, seed=next(seeds))["actions"]
+    return make_planner
 
-        n_obs_steps = cfg.policy.n_obs_steps
-    else:
-        actor_lock = threading.Lock()
 
-        def make_planner(i: int):
-            def plan(obs: dict[str, np.ndarray]) -> np.ndarray:
-                generator = torch.Generator(device=policy.device).manual_seed(next(seeds))
-                with actor_lock, torch.no_grad():
-                    out = policy.predict_action_chunk(
-                        {k: v[None] for k, v in obs.items()}, generator=generator
-                    )
-                return out["action"][0].float().cpu().numpy()
+def server_planners(
+    url: str,
+    token: str | None,
+    check: Callable[[dict[str, Any]], None],
+    seeds: Iterator[int],
+    stack: ExitStack,
+) -> Callable[[int], Planner]:
+    """Planners that each hold their own server connection (closed with `stack`), so the server
+    micro-batches them as a fleet; `check(metadata)` refuses a server that serves another policy."""
+    from diffusion_policy.serving.client import PolicyClient
 
-            return plan
+    lock = threading.Lock()
 
-        n_obs_steps = policy.config.n_obs_steps
-    n_robots = robots or ecfg.n_envs or min(ecfg.n_episodes, 8)
-    return evaluate_realtime(
-        make_planner,
-        n_obs_steps,
-        cfg.task,
-        ecfg,
-        out,
-        n_robots=n_robots,
-        ensemble_decay=ensemble,
-        replan_every=replan_every,
-    )
+    def make_planner(i: int) -> Planner:
+        client = PolicyClient(url, token=token)
+        with lock:
+            stack.callback(client.close)
+        check(client.metadata)
+        return lambda obs: client.infer(obs, seed=next(seeds))["actions"]
+
+    return make_planner

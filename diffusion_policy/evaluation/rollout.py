@@ -5,11 +5,10 @@
 
 from __future__ import annotations
 
-import json
-import math
 import multiprocessing as mp
 import os
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
 from diffusion_policy.chunking import ObsHistory, as_obs_dict
 from diffusion_policy.config import EvalConfig, TaskConfig
 from diffusion_policy.errors import UserError
+from diffusion_policy.evaluation.metrics import finish_metrics, summarize
 
 
 class EvalError(UserError, RuntimeError):
@@ -77,53 +77,6 @@ def make_env(env_id: str, obs_type: str, max_steps: int, video_size: int) -> gym
     return VideoRecorder(env)
 
 
-def _interval(values: np.ndarray) -> list[float]:
-    """95% normal-approximation confidence interval of a mean of values in [0, 1]."""
-    n = len(values)
-    if n < 2:
-        return [float(values.mean()), float(values.mean())]
-    half = 1.96 * values.std(ddof=1) / math.sqrt(n)
-    return [max(0.0, float(values.mean() - half)), min(1.0, float(values.mean() + half))]
-
-
-def _wilson(successes: int, n: int) -> list[float]:
-    """95% Wilson interval of a rate; sane at 0 and 1 unlike the normal approximation."""
-    z = 1.96
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return [max(0.0, centre - half), min(1.0, centre + half)]
-
-
-def summarize(
-    seeds: list[int],
-    max_reward: np.ndarray,
-    success: np.ndarray,
-    final_cov: np.ndarray,
-    steps: np.ndarray,
-) -> dict[str, Any]:
-    n = len(seeds)
-    return {
-        "mean_score": float(max_reward.mean()),
-        "mean_score_ci95": _interval(max_reward),
-        "success_rate": float(success.mean()),
-        "success_rate_ci95": _wilson(int(success.sum()), n),
-        "mean_final_coverage": float(final_cov.mean()),
-        "mean_final_coverage_ci95": _interval(final_cov),
-        "n_episodes": n,
-        "per_seed": {
-            str(s): {
-                "max_reward": float(r),
-                "success": bool(ok),
-                "final_coverage": float(c),
-                "steps": int(k),
-            }
-            for s, r, ok, c, k in zip(seeds, max_reward, success, final_cov, steps)
-        },
-    }
-
-
 class Actor:
     """What evaluation needs from a policy: obs {key: (B, To, ...)} numpy -> actions (B, Ta, Da)."""
 
@@ -138,20 +91,104 @@ class Actor:
         return out["action"].float().cpu().numpy()
 
 
+# progress(env steps done, episodes done), where an episode that ended counts as max_steps
+Progress = Callable[[int, int], None]
+
+
 def evaluate(
     actor: Any,
     task: TaskConfig,
     cfg: EvalConfig,
     out_dir: str | Path | None = None,
-    progress: bool = True,
+    progress: bool | Progress = True,
+    info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Roll out `actor` on seeds seed_start.. in waves of parallel envs; write metrics.json and videos."""
+    """Roll out `actor` on seeds seed_start.. in waves of parallel envs; write metrics.json and videos.
+
+    `progress`: True draws a bar that moves every env step (one wave of 50 episodes is most of an
+    evaluation), or give a callable. `info` is recorded in metrics.json as given.
+    """
     out = Path(out_dir) if out_dir else None
     if out:
         (out / "videos").mkdir(parents=True, exist_ok=True)
     seeds = list(range(cfg.seed_start, cfg.seed_start + cfg.n_episodes))
     # One wave of all episodes keeps the policy batch large: sampling, not the env, dominates the cost.
     n_envs = min(cfg.n_envs or cfg.n_episodes, cfg.n_episodes)
+    venv = _open_vector_env(task, cfg, n_envs)
+    tracker = _StepTracker(progress, cfg)
+    results: dict[str, list] = {"max_reward": [], "success": [], "final_cov": [], "steps": []}
+    t0, finished = time.time(), False
+    try:
+        for w in range(0, cfg.n_episodes, n_envs):
+            wave = seeds[w : w + n_envs]
+            pad = n_envs - len(wave)  # the last wave's spare envs rerun its last seed, unrecorded
+            paths = [video_path(out, w + i, s, cfg.n_videos) for i, s in enumerate(wave)]
+            on_step = tracker.wave(len(wave))
+            r = _run_wave(
+                venv,
+                actor,
+                task.obs_type,
+                wave + wave[-1:] * pad,
+                paths + [None] * pad,
+                cfg,
+                on_step,
+            )
+            for k in results:
+                results[k].extend(r[k][: len(wave)])
+        finished = True
+    finally:
+        tracker.close()
+        close_vector_env(venv, cfg.worker_timeout_s, graceful=finished)
+    metrics = summarize(seeds, *(np.asarray(results[k]) for k in results))
+    return finish_metrics(metrics, started=t0, seed_start=cfg.seed_start, out=out, info=info)
+
+
+def video_path(out: Path | None, index: int, seed: int, n_videos: int) -> str | None:
+    """Where episode `index` (of seed `seed`) is recorded; None past the first n_videos."""
+    return str(out / "videos" / f"seed_{seed}.mp4") if out and index < n_videos else None
+
+
+class _StepTracker:
+    """Counts env steps over all waves, an ended episode as its full max_steps, so progress moves
+    every step and ends at exactly n_episodes * max_steps."""
+
+    def __init__(self, progress: bool | Progress, cfg: EvalConfig):
+        self.bar = None
+        self.max_steps, self.steps, self.episodes = cfg.max_steps, 0, 0
+        if callable(progress):
+            self.report = progress
+        elif progress:
+            from tqdm import tqdm
+
+            total = cfg.n_episodes * cfg.max_steps
+            self.bar = tqdm(total=total, desc="eval", unit="step", leave=False)
+            self.report = self._draw
+        else:
+            self.report = None
+
+    def wave(self, n_real: int) -> Callable[[np.ndarray, np.ndarray], None]:
+        """The per-step callback of one wave whose first n_real envs are recorded episodes."""
+        base_steps, base_episodes = self.steps, self.episodes
+
+        def on_step(steps: np.ndarray, done: np.ndarray) -> None:
+            credit = np.where(done[:n_real], self.max_steps, steps[:n_real])
+            self.steps = base_steps + int(credit.sum())
+            self.episodes = base_episodes + int(done[:n_real].sum())
+            if self.report:
+                self.report(self.steps, self.episodes)
+
+        return on_step
+
+    def _draw(self, steps: int, episodes: int) -> None:
+        self.bar.set_postfix_str(f"{episodes} episodes done", refresh=False)
+        self.bar.update(steps - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
+
+
+def _open_vector_env(task: TaskConfig, cfg: EvalConfig, n_envs: int) -> gym.vector.VectorEnv:
     fn = partial(make_env, task.env_id, task.obs_type, cfg.max_steps, cfg.video_size)
     # Episodes end at different steps; NEXT_STEP autoreset lets a finished env be stepped along with the
     # rest (it resets, and its results are masked out) where DISABLED would refuse the whole batch.
@@ -159,54 +196,48 @@ def evaluate(
         cfg.vector if cfg.vector != "auto" else ("async" if (os.cpu_count() or 1) >= 8 else "sync")
     )
     if vector == "async":
-        venv: gym.vector.VectorEnv = AsyncVectorEnv(
+        return AsyncVectorEnv(
             [fn] * n_envs,
             autoreset_mode=AutoresetMode.NEXT_STEP,
             context="spawn" if os.name != "posix" else None,
         )
-    else:
-        venv = SyncVectorEnv([fn] * n_envs, autoreset_mode=AutoresetMode.NEXT_STEP)
-    results: dict[str, list] = {"max_reward": [], "success": [], "final_cov": [], "steps": []}
-    t0 = time.time()
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    return SyncVectorEnv([fn] * n_envs, autoreset_mode=AutoresetMode.NEXT_STEP)
 
-        bar = tqdm(total=cfg.n_episodes, desc="eval", unit="ep", leave=False)
-    try:
-        for w in range(0, cfg.n_episodes, n_envs):
-            wave = seeds[w : w + n_envs]
-            paths = [
-                str(out / "videos" / f"seed_{s}.mp4") if out and (w + i) < cfg.n_videos else None
-                for i, s in enumerate(wave)
-            ]
-            r = _run_wave(
-                venv,
-                actor,
-                task.obs_type,
-                wave + [wave[-1]] * (n_envs - len(wave)),
-                paths + [None] * (n_envs - len(wave)),
-                cfg,
-            )
-            for k in results:
-                results[k].extend(r[k][: len(wave)])
-            if bar:
-                bar.update(len(wave))
-    finally:
-        if bar:
-            bar.close()
+
+def close_vector_env(venv: gym.vector.VectorEnv, timeout: float, graceful: bool = True) -> None:
+    """Close the envs without ever hanging.
+
+    gymnasium's `AsyncVectorEnv.close()` waits on the worker pipes with no timeout, and its
+    terminate sends SIGTERM, which a stopped (SIGSTOP) process never acts on: so ask the workers
+    to close within `timeout` (only after a clean finish), then SIGKILL whatever is left.
+    """
+    if not isinstance(venv, AsyncVectorEnv):
         try:
             venv.close()
         except Exception:
+            pass  # an env that failed may fail to close; its error was already reported
+        return
+    pipes = [p for p in venv.parent_pipes if p is not None]  # None: a worker that raised
+    deadline = time.monotonic() + timeout
+    if graceful:
+        try:
+            for pipe in pipes:
+                pipe.send(("close", None))
+            for pipe in pipes:
+                if pipe.poll(max(0.0, deadline - time.monotonic())):
+                    pipe.recv()
+            for process in venv.processes:
+                process.join(max(0.0, deadline - time.monotonic()))
+        except (OSError, EOFError):
             pass
-    metrics = summarize(
-        seeds, *(np.asarray(results[k]) for k in ("max_reward", "success", "final_cov", "steps"))
-    )
-    metrics["wall_time_s"] = round(time.time() - t0, 2)
-    metrics["seed_start"] = cfg.seed_start
-    if out:
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return metrics
+    for process in venv.processes:
+        if process.is_alive():
+            process.kill()
+    for pipe in pipes:
+        pipe.close()
+    for process in venv.processes:
+        process.join(timeout)
+    venv.closed = True  # so gymnasium's __del__ does not try to close it again
 
 
 def _run_wave(
@@ -216,6 +247,7 @@ def _run_wave(
     seeds: list[int],
     video_paths: list[str | None],
     cfg: EvalConfig,
+    on_step: Callable[[np.ndarray, np.ndarray], None],
 ) -> dict[str, list]:
     n = len(seeds)
     venv.set_attr("video_path", video_paths)
@@ -238,6 +270,7 @@ def _run_wave(
             final_cov[live] = cov[live]
             steps[live] += 1
             done |= terminated | truncated
+            on_step(steps, done)
             history.push(as_obs_dict(obs, obs_key))
             if done.all():
                 break
@@ -261,14 +294,36 @@ def _call(venv: gym.vector.VectorEnv, method: str, cfg: EvalConfig, *args, **kwa
         return getattr(venv, method)(*args, **kwargs)
     except mp.TimeoutError:
         raise EvalError(
-            f"an env worker did not answer {method} within {cfg.worker_timeout_s} s (crashed or hung)"
+            f"an env worker did not answer {method} within {cfg.worker_timeout_s:g} s "
+            f"(stopped or hung){_dead_workers(venv)}; its processes were killed"
         ) from None
     except (EOFError, BrokenPipeError, ConnectionResetError) as e:
-        raise EvalError(f"an env worker died during {method}: {type(e).__name__}: {e}") from None
+        raise EvalError(
+            f"an env worker died during {method}: {type(e).__name__}: {e}{_dead_workers(venv)}"
+        ) from None
     except UserError:
         raise
     except Exception as e:
         raise EvalError(f"an env worker failed during {method}: {type(e).__name__}: {e}") from None
+
+
+def _dead_workers(venv: gym.vector.VectorEnv) -> str:
+    """', worker 1 (pid 42) killed by SIGKILL' for each worker process that is gone."""
+    import signal
+
+    parts = []
+    for i, p in enumerate(getattr(venv, "processes", [])):
+        code = p.exitcode
+        if code is not None:
+            how = f"exited with {code}"
+            if code < 0:
+                how = (
+                    f"killed by {signal.Signals(-code).name}"
+                    if -code in signal.valid_signals()
+                    else how
+                )
+            parts.append(f"worker {i} (pid {p.pid}) {how}")
+    return "".join(", " + s for s in parts)
 
 
 def check_server(meta: dict[str, Any], cfg: Any, checkpoint: str) -> None:
