@@ -26,8 +26,16 @@ def test_paper_state_preset_is_the_default():
     cfg = load_config()
     assert cfg.preset == "pusht_diffusion_state"
     assert cfg.task.obs_type == "keypoints"
-    assert cfg.train.batch_size == 256 and cfg.train.lr == 1e-4 and cfg.train.betas == [0.95, 0.999]
-    assert cfg.train.weight_decay == 1e-6 and cfg.train.lr_warmup_steps == 500 and cfg.train.use_ema
+    assert (
+        cfg.train.batch_size == 256
+        and cfg.train.optim.lr == 1e-4
+        and cfg.train.optim.betas == [0.95, 0.999]
+    )
+    assert (
+        cfg.train.optim.weight_decay == 1e-6
+        and cfg.train.optim.lr_warmup_steps == 500
+        and cfg.train.ema.enabled
+    )
     assert (
         cfg.data.max_train_episodes == 90
         and cfg.data.val_ratio == 0.02
