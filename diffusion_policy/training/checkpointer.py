@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +14,13 @@ from diffusion_policy.checkpoint import (
     load_state,
     point_symlink,
     read_checkpoint_meta,
+    remove_checkpoint,
     save_checkpoint,
 )
 from diffusion_policy.config import config_to_yaml
 from diffusion_policy.errors import ConfigError
 from diffusion_policy.training.build import Run
-from diffusion_policy.training.run_dir import clean_partial_writes, truncate_metrics
+from diffusion_policy.training.run_dir import clean_partial_writes, prepare_fresh, truncate_metrics
 
 STEP_DIR = re.compile(r"step_(\d+)")
 
@@ -33,10 +33,11 @@ class Checkpointer:
         self.run, self.keep_best_k, self.main = run, keep_best, main
         self.best: list[list] = []  # [score, step, tag], best first
 
-    def start(self) -> int:
-        """A fresh run: its config.yaml; training starts at step 0."""
+    def start(self, overwrite: bool = False) -> int:
+        """A fresh run: its directory and config.yaml (an old run's files go when `overwrite`);
+        training starts at step 0."""
         if self.main:
-            (self.run_dir / "config.yaml").write_text(config_to_yaml(self.run.cfg))
+            prepare_fresh(self.run_dir, overwrite, config_to_yaml(self.run.cfg))
         return 0
 
     def save(self, step: int) -> Path | None:
@@ -63,7 +64,8 @@ class Checkpointer:
 
     def prune(self, keep: int = 2) -> None:
         """Delete all but the newest `keep` step checkpoints. Only step_N directories that hold a
-        checkpoint are candidates, and never latest's: nothing else in checkpoints/ is touched."""
+        checkpoint are candidates, never latest's, and only the checkpoint's own files go: nothing
+        else in checkpoints/ (an eval-* folder, a user's copy) is touched."""
         latest = (self.dir / "latest").resolve()
         steps = sorted(
             (int(m.group(1)), p)
@@ -75,7 +77,7 @@ class Checkpointer:
         )
         for _, old in steps[:-keep]:
             if old.resolve() != latest:
-                shutil.rmtree(old, ignore_errors=True)
+                remove_checkpoint(old)
 
     def keep_best(self, step: int, metrics: dict[str, Any]) -> None:
         """Keep a deployable copy of the best `keep_best` checkpoints by eval mean_score."""
@@ -86,7 +88,7 @@ class Checkpointer:
         self.best.append([score, step, tag])
         self.best.sort(key=lambda x: (-x[0], x[1]))
         for _, _, old in self.best[self.keep_best_k :]:
-            shutil.rmtree(self.dir / old, ignore_errors=True)
+            remove_checkpoint(self.dir / old)
         self.best = self.best[: self.keep_best_k]
         if any(t == tag for _, _, t in self.best):
             save_checkpoint(

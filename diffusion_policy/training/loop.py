@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from diffusion_policy.config import Config, TrainConfig, to_dict
+from diffusion_policy.errors import UserError
 from diffusion_policy.evaluation.rollout import EvalError
 from diffusion_policy.training.build import (
     Dist,
@@ -39,7 +40,7 @@ from diffusion_policy.training.build import (
     training_noise,
 )
 from diffusion_policy.training.checkpointer import Checkpointer
-from diffusion_policy.training.run_dir import default_run_dir, fresh_run_dir, resume_run_dir
+from diffusion_policy.training.run_dir import check_fresh, default_run_dir, resume_run_dir
 
 # the loop's pieces, importable from here as before the split into build/step/checkpointer
 __all__ = ["Dist", "Run", "_use_cuda_graph", "batch_indices", "step_generator", "train", "validate"]
@@ -58,14 +59,11 @@ def train(
     device = pick_device(t.device, d)
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
-    if resume:
-        run_dir = resume_run_dir(resume)
-    else:
-        run_dir = fresh_run_dir(default_run_dir(cfg), overwrite, d.main)
+    run_dir = resume_run_dir(resume) if resume else check_fresh(default_run_dir(cfg), overwrite)
     seed_everything(t.seed + d.rank)
     run = build(cfg, d, device)
     ckpt = Checkpointer(run_dir, run, c.keep_best, d.main)
-    step = ckpt.restore() if resume else ckpt.start()
+    step = ckpt.restore() if resume else ckpt.start(overwrite)
     if d.main:
         print(run.describe(run_dir))
     log = MetricsLog(run_dir, cfg, d.main, run.total_steps, step)
@@ -168,8 +166,11 @@ class MetricsLog:
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, "time": round(time.time(), 3), **values}) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, "time": round(time.time(), 3), **values}) + "\n")
+        except OSError as e:
+            raise UserError(f"cannot write {self.path}: {e.strerror or e}") from None
         if self.wandb is not None:
             self.wandb.log(
                 {k: v for k, v in values.items() if isinstance(v, int | float)}, step=step

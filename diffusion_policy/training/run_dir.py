@@ -32,16 +32,20 @@ def holds_a_run(run_dir: Path) -> bool:
     return any((run_dir / n).exists() for n in (*RUN_FILES, "checkpoints"))
 
 
-def fresh_run_dir(run_dir: Path, overwrite: bool, main: bool, flag: str = "--overwrite") -> Path:
-    """The directory for a new run. One that holds a run is refused (naming --resume and `flag`)
-    unless `overwrite`, which first removes that run's files (and only those)."""
+def check_fresh(run_dir: Path, overwrite: bool, flag: str = "--overwrite") -> Path:
+    """Refuse a new run into a directory that holds one (naming --resume and `flag`), unless
+    `overwrite`. Checked before anything is built or written, on every process."""
     if holds_a_run(run_dir) and not overwrite:
         raise ConfigError(
             f"run_dir {run_dir} already holds a run: continue it with `dp train --resume {run_dir}`, "
             f"or pass {flag} to delete it and start over"
         )
-    if not main:
-        return run_dir
+    return run_dir
+
+
+def prepare_fresh(run_dir: Path, overwrite: bool, config_yaml: str) -> None:
+    """Create the run directory with its config.yaml, first removing the old run's files (and
+    only those) when `overwrite`. Done once the run is built, so a failed start deletes nothing."""
     if overwrite:
         for name in RUN_FILES:
             (run_dir / name).unlink(missing_ok=True)
@@ -49,12 +53,9 @@ def fresh_run_dir(run_dir: Path, overwrite: bool, main: bool, flag: str = "--ove
             shutil.rmtree(run_dir / name, ignore_errors=True)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
+        (run_dir / "config.yaml").write_text(config_yaml)
     except OSError as e:
         raise ConfigError(f"run_dir {run_dir}: cannot write there ({e.strerror or e})") from None
-    return run_dir
 
 
 def resume_run_dir(path: str | Path) -> Path:
