@@ -52,6 +52,16 @@ def six_steps(pusht_zarr, tmp_path_factory) -> Path:
     return run
 
 
+def _killed_after_step_6(six_steps: Path, run: Path) -> Path:
+    """The six-step run as a kill after step 6's log lines but before its checkpoint leaves it."""
+    shutil.copytree(six_steps, run, symlinks=True)
+    ckpts = run / "checkpoints"
+    (ckpts / "latest").unlink()
+    (ckpts / "latest").symlink_to("step_00000004")
+    shutil.rmtree(ckpts / "step_00000006")
+    return run
+
+
 def test_fresh_run_into_a_used_run_dir_refuses_and_overwrite_starts_over(
     six_steps, pusht_zarr, tmp_path, capsys
 ):
@@ -95,12 +105,8 @@ def test_resume_from_a_checkpoint_dir_cleans_and_keeps_the_log_consistent(
 ):
     """A run killed after logging step 6 but with latest at step 4 (+ a killed write's temp dir),
     resumed by naming checkpoints/latest: the same weights and log as the uninterrupted run."""
-    run = tmp_path / "run"
-    shutil.copytree(six_steps, run, symlinks=True)
+    run = _killed_after_step_6(six_steps, tmp_path / "run")
     ckpts = run / "checkpoints"
-    (ckpts / "latest").unlink()
-    (ckpts / "latest").symlink_to("step_00000004")
-    shutil.rmtree(ckpts / "step_00000006")
     (ckpts / ".tmp-step_00000006-0badbeef" / "train_state").mkdir(parents=True)
     # a checkpoint that is not the latest is refused, naming the run
     shutil.copytree(ckpts / "step_00000004", ckpts / "step_00000002")
@@ -128,16 +134,12 @@ def test_a_checkpoint_outside_a_run_is_refused_for_resume(tmp_path, capsys):
 
 def test_old_flat_config_run_resumes_bit_for_bit(six_steps, tmp_path):
     """A run directory written before the train.* sections (flat keys in every config.yaml)."""
-    from diffusion_policy.config import LEGACY_TRAIN_KEYS
-
-    run = tmp_path / "run"
-    shutil.copytree(six_steps, run, symlinks=True)
-    ckpts = run / "checkpoints"
-    (ckpts / "latest").unlink()
-    (ckpts / "latest").symlink_to("step_00000004")
-    shutil.rmtree(ckpts / "step_00000006")
     import yaml
 
+    from diffusion_policy.config import LEGACY_TRAIN_KEYS
+
+    run = _killed_after_step_6(six_steps, tmp_path / "run")
+    ckpts = run / "checkpoints"
     for f in [run / "config.yaml", *ckpts.glob("step_*/config.yaml")]:
         doc = yaml.safe_load(f.read_text())
         t = doc["train"]
