@@ -52,3 +52,22 @@ def test_distill_cli_errors(teacher, tmp_path, capsys):
     assert "fewer than --teacher-steps" in capsys.readouterr().err
     assert main(["distill", str(tmp_path / "nope"), "--out", str(tmp_path / "y")]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_distill_never_mixes_runs(teacher, tmp_path, capsys):
+    """Issue 17 item 1 for dp distill: an --out that holds a run is refused unless --overwrite,
+    and `dp train --resume` does not take a distillation run for an ordinary one."""
+    out = tmp_path / "student"
+    args = ["distill", str(teacher), "--out", str(out), "--train-steps", "2", "--pool", "32",
+            "--batch-size", "8", "--teacher-steps", "2"]  # fmt: skip
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--overwrite" in err
+    assert main([*args, "--overwrite"]) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2]  # the new run's line only
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out)]) == 2
+    assert "dp distill" in capsys.readouterr().err
