@@ -77,10 +77,10 @@ def bench(
     policy = policy_class(cfg.policy.name)(cfg.policy, ds.shape_meta)
     policy.fit_normalizer(ds.normalizer_data())
     policy.to(device).train()
-    ema = EMAModel(policy, power=cfg.train.ema_power, max_decay=cfg.train.ema_max_decay)
+    ema = EMAModel(policy, power=cfg.train.ema.power, max_decay=cfg.train.ema.max_decay)
     opt = torch.optim.AdamW(
-        policy.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
-        weight_decay=cfg.train.weight_decay, fused=device.startswith("cuda"),
+        policy.parameters(), lr=cfg.train.optim.lr, betas=tuple(cfg.train.optim.betas),
+        weight_decay=cfg.train.optim.weight_decay, fused=device.startswith("cuda"),
     )  # fmt: skip
     bs = cfg.train.batch_size
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)

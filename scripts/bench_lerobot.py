@@ -290,16 +290,16 @@ class OursTrain:
         self.policy.fit_normalizer(ds.normalizer_data())
         self.policy.train()
         self.ema = (
-            EMAModel(self.policy, power=t.ema_power, max_decay=t.ema_max_decay)
-            if t.use_ema
+            EMAModel(self.policy, power=t.ema.power, max_decay=t.ema.max_decay)
+            if t.ema.enabled
             else None
         )
         self.opt = torch.optim.AdamW(
-            self.policy.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
-            weight_decay=t.weight_decay,
+            self.policy.parameters(), lr=t.optim.lr, betas=tuple(t.optim.betas), eps=t.optim.eps,
+            weight_decay=t.optim.weight_decay,
         )  # fmt: skip
         self.sched = get_scheduler(
-            t.lr_scheduler, self.opt, num_warmup_steps=t.lr_warmup_steps,
+            t.optim.lr_scheduler, self.opt, num_warmup_steps=t.optim.lr_warmup_steps,
             num_training_steps=100_000,
         )  # fmt: skip
         for _ in range(warmup):
@@ -316,8 +316,8 @@ class OursTrain:
         loss = self.policy(batch)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        if t.grad_clip_norm:
-            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), t.grad_clip_norm)
+        if t.optim.grad_clip_norm:
+            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), t.optim.grad_clip_norm)
         self.opt.step()
         self.sched.step()
         if self.ema:

@@ -1,6 +1,6 @@
 """Training throughput of `dp train` itself, per speed option, with loss curves compared.
 
-Each variant runs the real training loop (`diffusion_policy.training.train`) for --steps steps with
+Each variant runs the real training loop (`diffusion_policy.training.loop.train`) for --steps steps with
 evaluation, validation and periodic checkpoints off, so a step is everything a real step is: batch
 gather from the resident dataset, loss noise, forward, backward, AdamW, LR schedule and EMA. it/s is
 read off metrics.jsonl between the first log after --warmup steps and the last one (so compiling,
@@ -49,8 +49,8 @@ def variant_overrides(variant: str) -> list[str]:
 def run_variant(preset: str, variant: str, args, run_dir: Path) -> dict:
     overrides = [
         f"task.dataset={args.dataset}", f"train.device={args.device}", f"run_dir={run_dir}",
-        f"train.max_steps={args.steps}", "train.eval_every=0", "train.final_eval=false",
-        "train.val_every=0", "train.checkpoint_every=0", f"train.log_every={args.log_every}",
+        f"train.max_steps={args.steps}", "train.cadence.eval_every=0", "train.cadence.final_eval=false",
+        "train.cadence.val_every=0", "train.cadence.checkpoint_every=0", f"train.cadence.log_every={args.log_every}",
         "train.progress=false", "wandb.mode=disabled", *args.override, *variant_overrides(variant),
     ]  # fmt: skip
     cfg = load_config(preset, overrides)

@@ -29,7 +29,8 @@ def test_distilled_student_learns_the_teacher_map_and_loads_as_a_checkpoint(
 ):
     ckpt = distill(teacher, tmp_path / "s", steps=1, teacher_steps=8, train_steps=80,
                    batch_size=32, lr=1e-3, pool_size=256, log_every=10)  # fmt: skip
-    losses = [json.loads(x)["loss"] for x in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+    rows = [json.loads(x) for x in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train/loss"] for r in rows if "train/loss" in r]
     assert losses[-1] < 0.5 * losses[0], losses
     policy, cfg, meta = load_policy(ckpt)
     noise_cfg = cfg.policy.noise
@@ -51,3 +52,22 @@ def test_distill_cli_errors(teacher, tmp_path, capsys):
     assert "fewer than --teacher-steps" in capsys.readouterr().err
     assert main(["distill", str(tmp_path / "nope"), "--out", str(tmp_path / "y")]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_distill_never_mixes_runs(teacher, tmp_path, capsys):
+    """Issue 17 item 1 for dp distill: an --out that holds a run is refused unless --overwrite,
+    and `dp train --resume` does not take a distillation run for an ordinary one."""
+    out = tmp_path / "student"
+    args = ["distill", str(teacher), "--out", str(out), "--train-steps", "2", "--pool", "32",
+            "--batch-size", "8", "--teacher-steps", "2"]  # fmt: skip
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--overwrite" in err
+    assert main([*args, "--overwrite"]) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2]  # the new run's line only
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out)]) == 2
+    assert "dp distill" in capsys.readouterr().err

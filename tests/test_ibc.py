@@ -248,7 +248,7 @@ def test_paper_presets():
     assert (p.policy.horizon, p.policy.n_obs_steps, p.policy.n_action_steps) == (2, 2, 1)
     assert (p.policy.energy.hidden_dim, p.policy.energy.n_layers) == (1024, 4)
     assert (p.policy.train_n_neg, p.policy.dfo.n_samples, p.policy.dfo.n_iters) == (1024, 1024, 5)
-    assert p.train.batch_size == 256 and not p.train.use_ema and p.train.lr == 1e-4
+    assert p.train.batch_size == 256 and not p.train.ema.enabled and p.train.optim.lr == 1e-4
     image = load_config("pusht_ibc_image")
     assert image.task.obs_type == "pixels_agent_pos" and image.train.batch_size == 128
     assert image.policy.name == "ibc"

@@ -1,4 +1,4 @@
-"""The CUDA-graphed training step (diffusion_policy/train_graph.py): same run as the eager step.
+"""The CUDA-graphed training step (diffusion_policy/training/graph.py): same run as the eager step.
 
 The equivalence tests need CUDA and skip without it (CI has no GPU; they ran on a lent H100, see
 docs/BENCHMARKS.md). What does not need a GPU runs everywhere: the EMA and the selection logic.
@@ -136,6 +136,7 @@ def test_graphed_step_logic_on_cpu_equals_eager(monkeypatch, image, one_thread):
     from diffusion_policy.registry import policy_class
     from diffusion_policy.shapes import ObsSpec, ShapeMeta
     from diffusion_policy.training.graph import GraphedTrainStep
+    from diffusion_policy.training.step import Learner, train_step
 
     monkeypatch.setattr(torch.cuda, "Stream", lambda: _FakeStream())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda: _FakeStream())
@@ -171,15 +172,16 @@ def test_graphed_step_logic_on_cpu_equals_eager(monkeypatch, image, one_thread):
         policy.train()
         ema = EMAModel(policy)
         opt = torch.optim.AdamW(policy.parameters(), lr=torch.tensor(1e-3))
+        learner = Learner(policy, policy, opt, None, ema, amp=False, grad_clip_norm=1.0)
         torch.manual_seed(123)  # the crops' CPU generator: both runs must draw the same crops
         losses, step = [], None
         for i in range(4):
             b = batch(i)
             if graphed:
                 if step is None:
-                    step = GraphedTrainStep(policy, opt, ema, b, amp=False, grad_clip_norm=1.0)
+                    step = GraphedTrainStep(learner, b, train_step)
                     _FakeGraph.step = step
-                losses.append(float(step(b, ema.next_decay())))
+                losses.append(float(step(b)))
             else:
                 loss = policy(b)
                 opt.zero_grad(set_to_none=True)

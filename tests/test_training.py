@@ -123,7 +123,7 @@ def test_interrupted_checkpoint_write_keeps_latest(two_step_run, tmp_path, monke
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(ck, "save_file", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match="No space left on device"):
         ck.save_checkpoint(latest, cfg, policy.shape_meta, policy, meta=meta)
     monkeypatch.undo()
     again, _, meta2 = ck.load_policy(run)  # the previous checkpoint is intact
@@ -131,6 +131,71 @@ def test_interrupted_checkpoint_write_keeps_latest(two_step_run, tmp_path, monke
     assert not list((run / "checkpoints").glob(".tmp-*"))
     with pytest.raises(CheckpointError, match="config.yaml is missing"):
         ck.load_policy(tmp_path)  # a directory without a checkpoint in it is named
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        # what safetensors and torch.save raise on a full disk: no errno, so free space decides
+        (
+            RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0"),
+            "no space left on device",
+        ),  # fmt: skip
+        (PermissionError(13, "Permission denied"), "Permission denied"),
+    ],
+    ids=["disk_full", "permission"],
+)
+def test_failed_checkpoint_write_is_one_line_and_keeps_latest(
+    pusht_zarr, tmp_path, monkeypatch, capsys, error, reason
+):
+    """Issue 17 item 7: a checkpoint write that fails mid-run (the second one here) ends the run
+    with one line naming the path and the reason; latest still points at the first, intact."""
+    from types import SimpleNamespace
+
+    from diffusion_policy import checkpoint as ck
+
+    real_save, calls = torch.save, []
+
+    def failing_save(obj, f, *a, **k):
+        calls.append(f)
+        if len(calls) == 2:
+            raise error
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(ck.torch, "save", failing_save)
+    monkeypatch.setattr(ck.shutil, "disk_usage", lambda p: SimpleNamespace(free=0))
+    run = tmp_path / "run"
+    args = ["smoke", f"task.dataset={pusht_zarr}", *BASE, "train.eval_every=0", f"run_dir={run}"]
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "cannot write checkpoint" in err and "step_00000004" in err and reason in err
+    monkeypatch.undo()
+    _, _, meta = ck.load_policy(run)
+    assert meta["step"] == 2
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
+def test_config_and_run_dir_errors_come_before_training(pusht_zarr, tmp_path, capsys):
+    """Bad eval.* values, an unknown device and an unwritable run_dir: one line, nothing written."""
+    common = ["train", "smoke", f"task.dataset={pusht_zarr}", *BASE]
+    for bad in ("eval.max_steps=0", "eval.n_envs=-2", "train.device=tpu", "train.lr=-1"):
+        assert main([*common, bad, f"run_dir={tmp_path / 'r'}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and bad.split("=")[0].split(".")[-1] in err
+    assert not (tmp_path / "r").exists()
+    (tmp_path / "file").write_text("")
+    assert main([*common, f"run_dir={tmp_path / 'file' / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot write there" in err
+
+
+def test_preset_name_beside_a_same_named_directory_trains(pusht_zarr, tmp_path, monkeypatch):
+    """Issue 17 item 8, the README's case: run_dir=smoke made ./smoke; `dp train smoke` again."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "smoke", f"task.dataset={pusht_zarr}", *BASE, "train.max_steps=1", "train.eval_every=0", "run_dir=smoke"]) == 0  # fmt: skip
+    assert (tmp_path / "smoke" / "config.yaml").exists()
+    assert main(["train", "smoke", f"task.dataset={pusht_zarr}", *BASE, "train.max_steps=1", "train.eval_every=0", "run_dir=other"]) == 0  # fmt: skip
 
 
 def _free_port() -> int:

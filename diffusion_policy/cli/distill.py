@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a run already in --out (deletes it)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,6 +39,6 @@ def run(args: argparse.Namespace) -> int:
         args.checkpoint, args.out, steps=args.steps, teacher_steps=args.teacher_steps,
         teacher_spacing=args.teacher_spacing, train_steps=args.train_steps,
         batch_size=args.batch_size, lr=args.lr, pool_size=args.pool, seed=args.seed,
-        device=args.device,
+        device=args.device, overwrite=args.overwrite,
     )  # fmt: skip
     return 0

@@ -53,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--expert-episodes", type=int, default=200, help="expert demos to generate when offline"
     )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a run already in the given run_dir"
+    )
     parser.add_argument("overrides", nargs="*", help="extra key=value config overrides")
 
 
@@ -68,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     )
     cfg = load_config(preset, [f"task.dataset={data}", *args.overrides])
     print(f"quickstart: training {preset} on {data}")
-    run_dir = train(cfg)
+    run_dir = train(cfg, overwrite=args.overwrite)
     print(
         f"quickstart: run directory {run_dir}; scores in {run_dir}/eval/*/metrics.json and metrics.jsonl"
     )

@@ -20,6 +20,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume", metavar="RUN_DIR", help="continue a run bit-for-bit from its latest checkpoint"
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in a run_dir that already holds a run (deletes that run first)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,19 +33,26 @@ def run(args: argparse.Namespace) -> int:
     from diffusion_policy.checkpoint import read_checkpoint_meta
     from diffusion_policy.config import apply_resume_overrides, load_config
     from diffusion_policy.training.loop import train
+    from diffusion_policy.training.run_dir import resume_run_dir
 
     preset, overrides = args.preset, list(args.overrides)
     if preset and "=" in preset:  # `dp train key=value` with the default preset
         overrides.insert(0, preset)
         preset = None
+    resume = None
     if args.resume:
         if preset:
             raise ConfigError("--resume continues a run with its saved config; give no preset")
-        _, cfg, _ = read_checkpoint_meta(args.resume)
+        if args.overwrite:
+            raise ConfigError("--resume continues a run and --overwrite deletes it: give one")
+        resume = resume_run_dir(args.resume)
+        _, cfg, meta = read_checkpoint_meta(resume)
+        if "distilled_from" in meta:
+            raise ConfigError(f"{resume} is a `dp distill` run: run dp distill again to redo it")
         cfg = apply_resume_overrides(cfg, overrides)
     else:
         cfg = load_config(preset, overrides)
-    train(cfg, resume=args.resume)
+    train(cfg, resume=resume, overwrite=args.overwrite)
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0

@@ -34,6 +34,12 @@ class UnetConfig:
     n_groups: int = 8
     cond_predict_scale: bool = True  # FiLM scale and bias (the paper), else bias only
 
+    def __post_init__(self) -> None:
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ConfigError(
+                f"policy.unet.kernel_size={self.kernel_size}: must be odd (the convolutions pad by kernel_size // 2)"
+            )
+
 
 @dataclass
 class NoiseConfig:

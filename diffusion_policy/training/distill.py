@@ -33,20 +33,25 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
+import functools
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from diffusion_policy.checkpoint import load_policy, point_symlink, save_checkpoint
-from diffusion_policy.data.datasets import make_pusht_datasets
+from diffusion_policy.checkpoint import load_policy
+from diffusion_policy.config import CadenceConfig, Config, OptimConfig, TrainConfig
 from diffusion_policy.errors import ConfigError, DataError
-from diffusion_policy.models.ema import EMAModel
 from diffusion_policy.policies.diffusion_sampling import DDIMSampler, ddim_table
 from diffusion_policy.policies.sampler_names import TimestepSpacing
-from diffusion_policy.training.loop import Dist, batch_indices
+from diffusion_policy.training.build import Dist, Run, batch_indices, load_datasets
+from diffusion_policy.training.loop import train
+from diffusion_policy.training.run_dir import holds_a_run
+from diffusion_policy.training.step import Learner, build_ema, build_optimizer
+
+TRAILING = TimestepSpacing.TRAILING.value
 
 
 def student_chunk(policy, table, obs: dict[str, torch.Tensor], noise: torch.Tensor) -> torch.Tensor:
@@ -68,101 +73,110 @@ def distill(
     seed: int = 0,
     device: str = "cpu",
     log_every: int = 50,
+    overwrite: bool = False,
 ) -> Path:
-    """Distill CHECKPOINT into a `steps`-step student; returns the student's checkpoint path."""
-    teacher, cfg, meta = load_policy(checkpoint, device=device)
+    """Distill CHECKPOINT into a `steps`-step student, trained by the training loop in `out`;
+    returns the student's checkpoint path."""
+    teacher, cfg, _ = load_policy(checkpoint, device=device)
     if cfg.policy.name != "diffusion":
         raise ConfigError(f"{checkpoint} is a {cfg.policy.name!r} policy: distill needs a diffusion policy")  # fmt: skip
     if not 1 <= steps < teacher_steps:
         raise ConfigError(f"--steps {steps} must be at least 1 and fewer than --teacher-steps {teacher_steps}")  # fmt: skip
-    dataset = Path(cfg.task.dataset)
-    if not dataset.exists():
-        raise DataError(f"the teacher's dataset {dataset} is missing (distillation samples its observations)")  # fmt: skip
-    p = cfg.policy
-    train_ds, _ = make_pusht_datasets(
-        str(dataset), cfg.task.obs_type, p.horizon, p.n_obs_steps, p.n_action_steps,
-        val_ratio=cfg.data.val_ratio, split_seed=cfg.data.split_seed,
-        max_train_episodes=cfg.data.max_train_episodes, val_episodes=cfg.data.val_episodes,
-    )  # fmt: skip
-    train_ds = train_ds.to(device)
-
-    teacher.set_sampler("ddim", teacher_steps, teacher_spacing)
-    teacher.eval().requires_grad_(False)
-    teacher_net = DDIMSampler(teacher, teacher_steps)  # FiLM precomputed: N steps cost less
-
-    student = copy.deepcopy(teacher).requires_grad_(True)
-    student.config.noise = dataclasses.replace(
-        student.config.noise,
-        prediction_type="sample",
-        timestep_spacing=TimestepSpacing.TRAILING.value,
-    )
-    student.set_sampler("ddim", steps, TimestepSpacing.TRAILING.value)
-    student.train()
-    table = dataclasses.replace(ddim_table(student.sampler, steps), clip=None)
-    student_net = DDIMSampler(student, steps, table=table)  # trained through, step by step
-    ema = EMAModel(student)
-    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=1e-6)
-    from diffusers.optimization import get_scheduler
-
-    sched = get_scheduler(
-        "cosine", opt, num_warmup_steps=min(100, train_steps // 10), num_training_steps=train_steps
-    )
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    log = open(out / "metrics.jsonl", "a")
+    if not Path(cfg.task.dataset).exists():
+        raise DataError(f"the teacher's dataset {cfg.task.dataset} is missing (distillation samples its observations)")  # fmt: skip
+    if holds_a_run(Path(out)) and not overwrite:
+        raise ConfigError(f"--out {out} already holds a run: choose another --out, or pass --overwrite to replace it")  # fmt: skip
+    # the student's run: AdamW (torch's betas), cosine with a short warm-up, clip 1, default EMA
+    optim = OptimConfig(lr=lr, betas=[0.9, 0.999], lr_warmup_steps=min(100, train_steps // 10), grad_clip_norm=1.0)  # fmt: skip
+    cadence = CadenceConfig(log_every=log_every, val_every=0, eval_every=0, final_eval=False, checkpoint_every=0, keep_best=0)  # fmt: skip
+    scfg = student_config(cfg, steps, out)
+    scfg.train = TrainConfig(seed=seed, device=device, batch_size=batch_size, max_steps=train_steps,
+                             cuda_graph=False, progress=cfg.train.progress, optim=optim, cadence=cadence)  # fmt: skip
     print(f"distill {checkpoint}: DDIM-{teacher_steps} ({teacher_spacing}) -> DDIM-{steps} (trailing, "
           f"x0-prediction), pool {pool_size}, {train_steps} steps of batch {batch_size} on {device}")  # fmt: skip
+    build = functools.partial(
+        build_distill_run, teacher=teacher, source=checkpoint, steps=steps,
+        teacher_steps=teacher_steps, teacher_spacing=teacher_spacing, pool_size=pool_size,
+    )  # fmt: skip
+    run_dir = train(scfg, overwrite=overwrite, build=build)
+    return (run_dir / "checkpoints" / "latest").resolve()
 
-    # the pool: observation windows and noise drawn from (seed), teacher chunks computed once
-    t0 = time.time()
-    gen = torch.Generator(device=device).manual_seed(seed)
-    pool_idx = torch.randint(0, len(train_ds), (pool_size,), generator=gen, device=device)
-    shape = (pool_size, p.horizon, teacher.shape_meta.action_dim)
-    pool_noise = torch.randn(shape, generator=gen, device=device)
-    pool_target = torch.empty(shape, device=device)
-    with torch.no_grad():
-        for i in range(0, pool_size, 512):
-            obs = train_ds.get_batch(pool_idx[i : i + 512])["obs"]
-            raw = teacher_net(*[obs[k] for k in teacher_net.keys], pool_noise[i : i + 512])
-            pool_target[i : i + 512] = teacher.normalizer.normalize("action", raw).clamp(-1, 1)
-    teacher_s = time.time() - t0
-    print(f"teacher chunks for the pool: {teacher_s:.0f} s", flush=True)
 
-    acc, n = 0.0, 0
-    for step in range(train_steps):
-        j = batch_indices(pool_size, batch_size, step, seed, Dist(), device)
-        obs = train_ds.get_batch(pool_idx[j])["obs"]
-        pred = student_net.denoise(*[obs[k] for k in student_net.keys], pool_noise[j])
-        loss = torch.nn.functional.mse_loss(pred, pool_target[j])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        ema.step(student)
-        acc, n = acc + float(loss.detach()), n + 1
-        if (step + 1) % log_every == 0 or step + 1 == train_steps:
-            row = {"step": step + 1, "loss": acc / n, "elapsed_s": time.time() - t0}
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-            print(f"step {step + 1}: loss {acc / n:.5f} ({time.time() - t0:.0f} s)", flush=True)
-            acc, n = 0.0, 0
-    log.close()
+def student_config(cfg: Config, steps: int, out: str | Path) -> Config:
+    """The teacher's config with the student's sampler: K-step trailing DDIM, x0-prediction."""
     scfg = copy.deepcopy(cfg)
     scfg.policy.noise.sampler = "ddim"
     scfg.policy.noise.num_inference_steps = steps
-    scfg.policy.noise.timestep_spacing = TimestepSpacing.TRAILING.value
+    scfg.policy.noise.timestep_spacing = TRAILING
     scfg.policy.noise.prediction_type = "sample"
     scfg.run_dir = str(out)
-    info: dict[str, Any] = {
-        "step": train_steps,
-        "distilled_from": str(Path(checkpoint).resolve()),
-        "teacher_sampler": f"ddim-{teacher_steps}-{teacher_spacing}",
-        "distill": {"steps": steps, "train_steps": train_steps, "batch_size": batch_size, "lr": lr,
-                    "pool_size": pool_size, "seed": seed, "teacher_s": teacher_s,
-                    "wall_s": time.time() - t0},
-    }  # fmt: skip
-    ckpt = save_checkpoint(out / "checkpoints" / f"step_{train_steps:08d}", scfg, teacher.shape_meta, ema.model, info)  # fmt: skip
-    point_symlink(out / "checkpoints" / "latest", ckpt)
-    print(f"done in {(time.time() - t0) / 60:.1f} min: {ckpt}")
-    return ckpt
+    scfg.wandb.mode = "disabled"
+    return scfg
+
+
+class StudentLoss(nn.Module):
+    """|| DDIM_K[student](o, z) - DDIM_N[teacher](o, z) ||^2 on a pool batch {obs, noise, target}."""
+
+    def __init__(self, student_net: DDIMSampler):
+        super().__init__()
+        self.net = student_net
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        pred = self.net.denoise(*[batch["obs"][k] for k in self.net.keys], batch["noise"])
+        return torch.nn.functional.mse_loss(pred, batch["target"])
+
+
+@dataclasses.dataclass
+class DistillRun(Run):
+    """Batches from the pool: observation windows, their noise and the teacher's chunks."""
+
+    pool: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    def batch(self, step: int) -> dict[str, Any]:
+        pool = self.pool
+        j = batch_indices(len(pool["idx"]), self.global_batch, step, self.cfg.train.seed, self.d, self.device)  # fmt: skip
+        obs = self.train_ds.get_batch(pool["idx"][j])["obs"]
+        return {"obs": obs, "noise": pool["noise"][j], "target": pool["target"][j]}
+
+
+def build_distill_run(cfg: Config, d: Dist, device: str, *, teacher, source, steps: int,
+                      teacher_steps: int, teacher_spacing: str, pool_size: int) -> Run:  # fmt: skip
+    """The student (the teacher's copy, x0-prediction, K-step trailing DDIM, trained through every
+    step without DDIM's clip), its learner, and the pool the teacher labels once."""
+    train_ds = load_datasets(cfg, device)[0].to(device)  # the pool indexes it on `device`
+    teacher.set_sampler("ddim", teacher_steps, teacher_spacing)
+    teacher.eval().requires_grad_(False)
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    student.config.noise = cfg.policy.noise
+    student.set_sampler("ddim", steps, TRAILING)
+    student.train()
+    table = dataclasses.replace(ddim_table(student.sampler, steps), clip=None)
+    t = cfg.train
+    ema = build_ema(t.ema, student)
+    optimizer, sched = build_optimizer(t.optim, student.parameters(), device, t.max_steps)
+    loss = StudentLoss(DDIMSampler(student, steps, table=table))
+    learner = Learner(student, loss, optimizer, sched, ema, grad_clip_norm=t.optim.grad_clip_norm)
+    t0 = time.time()
+    pool = teacher_pool(teacher, teacher_steps, train_ds, pool_size, t.seed, device)
+    meta = {"distilled_from": str(Path(source).resolve()), "teacher_sampler": f"ddim-{teacher_steps}-{teacher_spacing}",
+            "distill": {"steps": steps, "train_steps": t.max_steps, "batch_size": t.batch_size, "lr": t.optim.lr,
+                        "pool_size": pool_size, "seed": t.seed, "teacher_s": time.time() - t0}}  # fmt: skip
+    print(f"teacher chunks for the pool: {meta['distill']['teacher_s']:.0f} s", flush=True)
+    return DistillRun(cfg, d, device, device, train_ds, None, teacher.shape_meta, learner,
+                      t.batch_size, max(1, pool_size // t.batch_size), t.max_steps, meta, pool)  # fmt: skip
+
+
+@torch.no_grad()
+def teacher_pool(teacher, teacher_steps: int, train_ds, pool_size: int, seed: int, device: str) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Observation windows and noise drawn from (seed); the teacher's chunks for them, once."""
+    net = DDIMSampler(teacher, teacher_steps)  # FiLM precomputed: N steps cost less
+    gen = torch.Generator(device=device).manual_seed(seed)
+    idx = torch.randint(0, len(train_ds), (pool_size,), generator=gen, device=device)
+    shape = (pool_size, teacher.config.horizon, teacher.shape_meta.action_dim)
+    noise = torch.randn(shape, generator=gen, device=device)
+    target = torch.empty(shape, device=device)
+    for i in range(0, pool_size, 512):
+        obs = train_ds.get_batch(idx[i : i + 512])["obs"]
+        raw = net(*[obs[k] for k in net.keys], noise[i : i + 512])
+        target[i : i + 512] = teacher.normalizer.normalize("action", raw).clamp(-1, 1)
+    return {"idx": idx, "noise": noise, "target": target}

@@ -15,6 +15,7 @@ the graph's static input buffers before each replay.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -38,32 +39,29 @@ def _copy_into(dst: Any, src: Any) -> None:
 
 
 class GraphedTrainStep:
-    """`step(batch, ema_decay) -> loss` with the same effect as the eager step of training.py.
+    """`step(batch) -> loss`: `step_fn` (step.py's train_step, the eager step) captured once.
 
-    The optimizer must be built with capturable=True and a tensor lr. Warm-up iterations (needed
-    before capture, for cuDNN and the allocator) change weights, optimizer state and RNG state, so
-    all are snapshotted first and restored after capture: the run continues from exactly where it
-    was, and draws what an eager run draws.
+    The learner's optimizer must be built with capturable=True and a tensor lr. Warm-up
+    iterations (needed before capture, for cuDNN and the allocator) change weights, optimizer
+    state and RNG state, so all are snapshotted first and restored after capture: the run
+    continues from exactly where it was, and draws what an eager run draws.
     """
 
     def __init__(
         self,
-        policy: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        ema,
+        learner: Any,
         example_batch: dict[str, Any],
-        amp: bool,
-        grad_clip_norm: float | None,
+        step_fn: Callable[[Any, dict[str, Any], torch.Tensor], torch.Tensor],
         warmup: int = 3,
     ):
-        self.policy, self.optimizer, self.ema = policy, optimizer, ema
-        self.amp, self.clip = amp, grad_clip_norm
+        self.learner, self.step_fn = learner, step_fn
+        self.policy, self.optimizer, self.ema = learner.policy, learner.optimizer, learner.ema
         self.batch = _clone(example_batch)
-        device = next(policy.parameters()).device
+        device = next(self.policy.parameters()).device
         self.ema_weight = torch.zeros((), device=device)
         # the image encoders' random crops read their offsets from these buffers while graphed
         self.crops: list[tuple[CropRandomizer, torch.Tensor]] = []
-        for m in policy.modules():
+        for m in self.policy.modules():
             if isinstance(m, CropRandomizer):
                 buf = torch.zeros(0, 2, dtype=torch.long, device=device)
                 self.crops.append((m, buf))
@@ -86,15 +84,7 @@ class GraphedTrainStep:
         del saved
 
     def _step(self) -> torch.Tensor:
-        with torch.autocast("cuda", torch.bfloat16, enabled=self.amp, cache_enabled=False):
-            loss = self.policy(self.batch)
-        loss.backward()
-        if self.clip:
-            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.clip)
-        self.optimizer.step()
-        if self.ema is not None:
-            self.ema.apply(self.policy, self.ema_weight)
-        return loss.detach()
+        return self.step_fn(self.learner, self.batch, self.ema_weight)
 
     def _fill_crops(self) -> None:
         """Draw this step's crop offsets on the CPU, exactly as the eager encoder would."""
@@ -110,10 +100,10 @@ class GraphedTrainStep:
                 m.graph_offsets = buf
             buf.copy_(offsets, non_blocking=True)
 
-    def __call__(self, batch: dict[str, Any], ema_decay: float) -> torch.Tensor:
+    def __call__(self, batch: dict[str, Any]) -> torch.Tensor:
         _copy_into(self.batch, batch)
         self._fill_crops()
-        self.ema_weight.fill_(1.0 - ema_decay)
+        self.ema_weight.fill_(1.0 - (self.ema.next_decay() if self.ema is not None else 0.0))
         self.graph.replay()
         return self.loss
 
