@@ -306,7 +306,7 @@ def _load_preset(preset: str, seen: tuple[str, ...] = ()) -> DictConfig:
     try:
         node = OmegaConf.load(path)
     except Exception as e:  # yaml syntax errors
-        raise ConfigError(f"preset {path}: cannot parse YAML: {e}") from None
+        raise ConfigError(f"preset {path}: cannot parse YAML: {_one_line(e)}") from None
     if not isinstance(node, DictConfig):
         raise ConfigError(f"preset {path}: expected a mapping at the top level")
     node = _upgrade(node)  # before the merge, so a flat child key overrides a sectioned parent
@@ -314,6 +314,11 @@ def _load_preset(preset: str, seen: tuple[str, ...] = ()) -> DictConfig:
     if parent is not None:
         node = OmegaConf.merge(_load_preset(str(parent), (*seen, str(path))), node)
     return node
+
+
+def _one_line(e: BaseException) -> str:
+    """A YAML parser's message (several indented lines) as one line."""
+    return " ".join(str(e).split())
 
 
 def _explain(e: OmegaConfBaseException, where: str) -> ConfigError:
@@ -408,7 +413,7 @@ def config_from_yaml(text_or_path: str | Path) -> Config:
     try:
         node = OmegaConf.load(p) if p.exists() else OmegaConf.create(str(text_or_path))
     except Exception as e:
-        raise ConfigError(f"cannot read config {text_or_path}: {e}") from None
+        raise ConfigError(f"cannot read config {text_or_path}: {_one_line(e)}") from None
     return config_from_nodes([node])
 
 

@@ -32,6 +32,7 @@ minutes of export for ~1.5 ms. A packed TorchScript file also carries the unused
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -451,3 +452,82 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+# --- dp export: a checkpoint to a file, with its report ------------------------------------------
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    out: str | Path,
+    fmt: str = "onnx",
+    *,
+    steps: int | None = None,
+    spacing: str | None = None,
+    layout: str = "auto",
+    batch_size: int | None = None,
+    onnx_exporter: str = "auto",
+    check: bool = False,
+    tolerance: float = DEFAULT_TOLERANCE,
+    say: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Export a diffusion checkpoint's sampling loop (DDIM-`steps`, default: its own DDIM steps or
+    10), say what was written, and with `check` compare the file with the eager policy."""
+    from diffusion_policy.checkpoint import load_policy, read_checkpoint_meta
+
+    say = say or functools.partial(print, flush=True)
+    path, cfg, _ = read_checkpoint_meta(checkpoint)
+    if cfg.policy.name != "diffusion":
+        raise ExportError(
+            f"dp export supports diffusion policies only; {path} holds a {cfg.policy.name!r} "
+            "policy, whose sampler has no fixed-step graph to export"
+        )
+    if check and fmt == "onnx":
+        import_onnxruntime()  # fail now, not after the export
+    policy, cfg, _ = load_policy(path)
+    noise = cfg.policy.noise
+    if steps is None:
+        steps = noise.num_inference_steps if noise.sampler == "ddim" else 10
+    layout = resolve_layout(fmt, layout)
+    how = "torch.jit.trace"
+    if fmt == "onnx":
+        exporter = resolve_onnx_exporter(policy, layout, onnx_exporter)
+        require_onnx_exporter(exporter)
+        how = f"the {exporter} ONNX exporter" + (
+            " (a minute or more)" if exporter == "dynamo" else ""
+        )
+    say(
+        f"exporting {path}: DDIM-{steps} ({spacing or noise.timestep_spacing}), {layout} layout, "
+        f"batch {batch_size or 'dynamic'}, with {how}"
+    )
+    start = time.perf_counter()
+    sidecar = export_policy(
+        policy, out, fmt, steps, spacing, layout, batch_size, onnx_exporter, checkpoint=str(path)
+    )
+    out = Path(out)
+    size = out.stat().st_size / 2**20
+    say(f"wrote {out} ({size:.1f} MiB) and {out}.json in {time.perf_counter() - start:.1f} s")
+    for kind, items in (("input ", sidecar["inputs"]), ("output", sidecar["outputs"])):
+        for i in items:
+            say(f"  {kind} {i['name']}: {tuple(i['shape'])} {i['dtype']}")
+    if check:
+        sidecar["check"] = _check_and_time(out, sidecar, policy, tolerance, say)
+        write_sidecar(out, sidecar)
+    return sidecar
+
+
+def _check_and_time(
+    out: Path, sidecar: dict[str, Any], policy, tolerance: float, say: Callable[[str], None]
+) -> dict[str, Any]:
+    runner = load_runner(out, sidecar)
+    result = check_export(out, sidecar, policy, tolerance, runner)
+    b1 = sidecar["batch_size"] if isinstance(sidecar["batch_size"], int) else 1
+    with torch_threads(1):
+        result["latency"] = measure_latency(runner, [x.numpy() for x in random_inputs(policy, b1)])
+    say(
+        f"check: max abs error {result['max_abs_error']:.2e} action units against the eager "
+        f"policy at batch {', '.join(map(str, result['batch_sizes']))} (allowed "
+        f"{result['max_abs_error_allowed']:.2g}); batch {b1} takes "
+        f"{result['latency']['median_ms']:.1f} ms (median of {result['latency']['runs']}, 1 thread)"
+    )
+    return result

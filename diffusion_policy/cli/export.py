@@ -60,91 +60,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import time
-    from pathlib import Path
-
-    from diffusion_policy.checkpoint import load_policy, read_checkpoint_meta
-    from diffusion_policy.export import (
-        ExportError,
-        check_export,
-        export_policy,
-        import_onnxruntime,
-        load_runner,
-        measure_latency,
-        random_inputs,
-        require_onnx_exporter,
-        resolve_layout,
-        resolve_onnx_exporter,
-        torch_threads,
-        write_sidecar,
-    )
+    from diffusion_policy.export import export_checkpoint
 
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size={args.batch_size}: must be >= 1")
     if args.tolerance < 0:
         raise UserError(f"--tolerance={args.tolerance}: must be >= 0")
-    path, cfg, _ = read_checkpoint_meta(args.checkpoint)
-    if cfg.policy.name != "diffusion":
-        raise ExportError(
-            f"dp export supports diffusion policies only; {path} holds a {cfg.policy.name!r} "
-            "policy, whose sampler has no fixed-step graph to export"
-        )
-    if args.check and args.format == "onnx":
-        import_onnxruntime()  # fail now, not after the export
-    policy, cfg, _ = load_policy(path)
-    noise = cfg.policy.noise
-    steps = args.inference_steps
-    if steps is None:
-        steps = noise.num_inference_steps if noise.sampler == "ddim" else 10
-    layout = resolve_layout(args.format, args.layout)
-    how = "torch.jit.trace"
-    if args.format == "onnx":
-        exporter = resolve_onnx_exporter(policy, layout, args.onnx_exporter)
-        require_onnx_exporter(exporter)
-        how = f"the {exporter} ONNX exporter" + (
-            " (a minute or more)" if exporter == "dynamo" else ""
-        )
-    batch = args.batch_size or "dynamic"
-    print(
-        f"exporting {path}: DDIM-{steps} "
-        f"({args.timestep_spacing or noise.timestep_spacing}), {layout} layout, batch {batch}, "
-        f"with {how}",
-        flush=True,
-    )
-    start = time.perf_counter()
-    sidecar = export_policy(
-        policy,
-        args.out,
-        args.format,
-        steps,
-        args.timestep_spacing,
-        layout,
-        args.batch_size,
-        args.onnx_exporter,
-        checkpoint=str(path),
-    )
-    out = Path(args.out)
-    size = out.stat().st_size / 2**20
-    print(f"wrote {out} ({size:.1f} MiB) and {out}.json in {time.perf_counter() - start:.1f} s")
-    for i in sidecar["inputs"]:
-        print(f"  input  {i['name']}: {tuple(i['shape'])} {i['dtype']}")
-    for o in sidecar["outputs"]:
-        print(f"  output {o['name']}: {tuple(o['shape'])} {o['dtype']}")
-    if args.check:
-        runner = load_runner(out, sidecar)
-        result = check_export(out, sidecar, policy, args.tolerance, runner)
-        b1 = sidecar["batch_size"] if isinstance(sidecar["batch_size"], int) else 1
-        with torch_threads(1):
-            result["latency"] = measure_latency(
-                runner, [x.numpy() for x in random_inputs(policy, b1)]
-            )
-        sidecar["check"] = result
-        write_sidecar(out, sidecar)
-        print(
-            f"check: max abs error {result['max_abs_error']:.2e} action units against the eager "
-            f"policy at batch {', '.join(map(str, result['batch_sizes']))} (allowed "
-            f"{result['max_abs_error_allowed']:.2g}); batch {b1} takes "
-            f"{result['latency']['median_ms']:.1f} ms "
-            f"(median of {result['latency']['runs']}, 1 thread)"
-        )
+    export_checkpoint(
+        args.checkpoint, args.out, args.format, steps=args.inference_steps,
+        spacing=args.timestep_spacing, layout=args.layout, batch_size=args.batch_size,
+        onnx_exporter=args.onnx_exporter, check=args.check, tolerance=args.tolerance,
+    )  # fmt: skip
     return 0
