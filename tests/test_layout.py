@@ -137,7 +137,7 @@ def test_robot_side_imports_no_torch(module):
 def function_lengths() -> list[tuple[int, str]]:
     """(lines, 'path:line name') for every function and method of the library, longest first."""
     rows = []
-    for name, path in _modules().items():
+    for path in _modules().values():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 where = f"{path.relative_to(ROOT)}:{node.lineno} {node.name}"
