@@ -31,7 +31,11 @@ def _damage(ckpt: Path, case: str) -> None:
     elif case == "unparseable config.yaml":
         (ckpt / "config.yaml").write_text("train: [1, 2\n")
     elif case == "config of another policy":
-        text = (ckpt / "config.yaml").read_text().replace("    - 16\n    - 32\n", "    - 32\n    - 64\n")
+        text = (
+            (ckpt / "config.yaml")
+            .read_text()
+            .replace("    - 16\n    - 32\n", "    - 32\n    - 64\n")
+        )
         assert text != (ckpt / "config.yaml").read_text()
         (ckpt / "config.yaml").write_text(text)
     else:

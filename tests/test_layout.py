@@ -117,7 +117,11 @@ def test_layer_does_not_import(layer, forbidden):
 
 @pytest.mark.parametrize(
     "module",
-    ["diffusion_policy.serving.client", "diffusion_policy.serving.protocol", "diffusion_policy.chunking"],
+    [
+        "diffusion_policy.serving.client",
+        "diffusion_policy.serving.protocol",
+        "diffusion_policy.chunking",
+    ],
 )
 def test_robot_side_imports_no_torch(module):
     path = _modules()[module]
@@ -149,5 +153,9 @@ def test_no_library_function_over_100_lines():
     rows = function_lengths()
     print("\nthe 10 longest library functions:\n" + "\n".join(f"{n:4d}  {w}" for n, w in rows[:10]))
     assert rows[0][0] <= 100, f"{rows[0][1]} is {rows[0][0]} lines"
-    train = [n for n, w in rows if w.startswith("diffusion_policy/training/loop.py") and w.endswith(" train")]
+    train = [
+        n
+        for n, w in rows
+        if w.startswith("diffusion_policy/training/loop.py") and w.endswith(" train")
+    ]
     assert train and train[0] <= 80, f"train() is {train} lines"
