@@ -67,10 +67,10 @@ echo "variant: $VARIANT"
 GRAPH=false; AMP=false
 case $VARIANT in *graph*) GRAPH=true;; esac
 case $VARIANT in *bf16*) AMP=true;; esac
-timeout -k 10 200 $PY -m diffusion_policy.cli.main train pusht_diffusion_state task.dataset="$DATA" \
+timeout -k 10 200 $PY -m diffusion_policy.cli train pusht_diffusion_state task.dataset="$DATA" \
     run_dir=/tmp/to_score train.device=cuda train.cuda_graph=$GRAPH train.amp=$AMP \
-    train.max_steps=$STEPS_TO_SCORE train.eval_every=$EVAL_EVERY train.checkpoint_every=$EVAL_EVERY \
-    train.val_every=0 train.keep_best=1 train.progress=false eval.n_videos=0 2>&1 | grep -v "^eval" | tail -12
+    train.max_steps=$STEPS_TO_SCORE train.cadence.eval_every=$EVAL_EVERY train.cadence.checkpoint_every=$EVAL_EVERY \
+    train.cadence.val_every=0 train.cadence.keep_best=1 train.progress=false eval.n_videos=0 2>&1 | grep -v "^eval" | tail -12
 tar czf "$OUT/results.tgz" /tmp/to_score/metrics.jsonl /tmp/to_score/config.yaml \
     /tmp/to_score/eval/*/metrics.json 2>/dev/null
 
