@@ -22,7 +22,10 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_PRESET = "pusht_diffusion_state"
 
 
-NORMALIZE_MODES = ("minmax", "identity")  # low-dim and action normalisation; rgb is fixed [0, 255] -> [-1, 1]
+NORMALIZE_MODES = (
+    "minmax",
+    "identity",
+)  # low-dim and action normalisation; rgb is fixed [0, 255] -> [-1, 1]
 PUSHT_OBS_TYPES = ("state", "keypoints", "pixels_agent_pos")
 
 
@@ -36,11 +39,21 @@ class ObsKeyConfig:
     """One policy observation key, built per frame from store keys (see data/task_spec.py)."""
 
     kind: str = "low_dim"  # low_dim | rgb
-    source: list[str] = field(default_factory=list)  # store keys, "key[a:b]" for columns; [] = [the key's name]
-    shape: list[int] | None = None  # the per-frame shape the store must give; null = whatever it has
-    normalize: str | None = None  # low_dim: minmax (default) | identity; rgb: always [0, 255] -> [-1, 1]
-    resize: list[int] | None = None  # rgb: resize to [H, W] first (null: policy.encoder.resize_shape)
-    crop: list[int] | None = None  # rgb: crop [h, w], random in training, center in eval (null: policy.encoder.crop_shape)
+    source: list[str] = field(
+        default_factory=list
+    )  # store keys, "key[a:b]" for columns; [] = [the key's name]
+    shape: list[int] | None = (
+        None  # the per-frame shape the store must give; null = whatever it has
+    )
+    normalize: str | None = (
+        None  # low_dim: minmax (default) | identity; rgb: always [0, 255] -> [-1, 1]
+    )
+    resize: list[int] | None = (
+        None  # rgb: resize to [H, W] first (null: policy.encoder.resize_shape)
+    )
+    crop: list[int] | None = (
+        None  # rgb: crop [h, w], random in training, center in eval (null: policy.encoder.crop_shape)
+    )
 
     def check(self, where: str) -> None:
         """One ConfigError naming `where` (task.obs.KEY) and the first bad field."""
@@ -48,19 +61,31 @@ class ObsKeyConfig:
             raise ConfigError(f"{where}.kind={self.kind!r}: expected low_dim or rgb")
         if self.kind == "rgb":
             if len(self.source) > 1:
-                raise ConfigError(f"{where}.source={list(self.source)}: an rgb key has exactly one source")
+                raise ConfigError(
+                    f"{where}.source={list(self.source)}: an rgb key has exactly one source"
+                )
             if self.normalize not in (None, "fixed"):
-                raise ConfigError(f"{where}.normalize={self.normalize!r}: rgb is always [0, 255] -> [-1, 1]; leave it out")
+                raise ConfigError(
+                    f"{where}.normalize={self.normalize!r}: rgb is always [0, 255] -> [-1, 1]; leave it out"
+                )
         else:
             for name in ("resize", "crop"):
                 if getattr(self, name) is not None:
                     raise ConfigError(f"{where}.{name}: only rgb keys are resized or cropped")
             if self.normalize is not None and self.normalize not in NORMALIZE_MODES:
-                raise ConfigError(f"{where}.normalize={self.normalize!r}: expected minmax or identity")
+                raise ConfigError(
+                    f"{where}.normalize={self.normalize!r}: expected minmax or identity"
+                )
         _check_hw(f"{where}.resize", self.resize)
         _check_hw(f"{where}.crop", self.crop)
-        if self.resize and self.crop and (self.crop[0] > self.resize[0] or self.crop[1] > self.resize[1]):
-            raise ConfigError(f"{where}.crop={list(self.crop)} must fit inside {where}.resize={list(self.resize)}")
+        if (
+            self.resize
+            and self.crop
+            and (self.crop[0] > self.resize[0] or self.crop[1] > self.resize[1])
+        ):
+            raise ConfigError(
+                f"{where}.crop={list(self.crop)} must fit inside {where}.resize={list(self.resize)}"
+            )
         if self.shape is not None and (not self.shape or min(self.shape) < 1):
             raise ConfigError(f"{where}.shape={list(self.shape)}: expected positive sizes")
 
@@ -77,7 +102,9 @@ class ActionConfig:
         if not self.source:
             raise ConfigError("task.action.source is empty: name the store key(s) of the action")
         if self.normalize not in NORMALIZE_MODES:
-            raise ConfigError(f"task.action.normalize={self.normalize!r}: expected minmax or identity")
+            raise ConfigError(
+                f"task.action.normalize={self.normalize!r}: expected minmax or identity"
+            )
         if self.dim is not None and self.dim < 1:
             raise ConfigError(f"task.action.dim={self.dim}: must be >= 1 or null")
 

@@ -22,7 +22,9 @@ class ObsSpec:
     dtype: str  # "float32" for low_dim, "uint8" for rgb
     kind: str  # "low_dim" | "rgb"
     normalize: str = "minmax"  # low_dim only (rgb is always [0, 255] -> [-1, 1])
-    resize: tuple[int, int] | None = None  # rgb: resize to (H, W) first; None: the encoder's setting
+    resize: tuple[int, int] | None = (
+        None  # rgb: resize to (H, W) first; None: the encoder's setting
+    )
     crop: tuple[int, int] | None = None  # rgb: crop (h, w); None: the encoder's setting
 
     def __post_init__(self) -> None:
@@ -30,7 +32,9 @@ class ObsSpec:
         if self.kind not in OBS_KINDS:
             raise ValueError(f"ObsSpec.kind must be one of {OBS_KINDS}, got {self.kind!r}")
         if self.normalize not in NORMALIZE:
-            raise ValueError(f"ObsSpec.normalize must be one of {NORMALIZE}, got {self.normalize!r}")
+            raise ValueError(
+                f"ObsSpec.normalize must be one of {NORMALIZE}, got {self.normalize!r}"
+            )
         for name in ("resize", "crop"):
             v = getattr(self, name)
             if v is not None:
@@ -75,7 +79,10 @@ class ShapeMeta:
 
     def to_dict(self) -> dict:
         """Plain lists/str/int, so it can go into a checkpoint's config.yaml."""
-        d = {"obs": {k: s.to_dict() for k, s in self.obs.items()}, "action_dim": int(self.action_dim)}
+        d = {
+            "obs": {k: s.to_dict() for k, s in self.obs.items()},
+            "action_dim": int(self.action_dim),
+        }
         if self.action_normalize != "minmax":
             d["action_normalize"] = self.action_normalize
         return d

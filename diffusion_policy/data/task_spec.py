@@ -17,6 +17,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -61,7 +62,9 @@ class KeySpec:
     shape: tuple[int, ...] | None = None  # declared per-frame shape; None: whatever the store gives
     resize: tuple[int, int] | None = None
     crop: tuple[int, int] | None = None
-    rgb_from_float: bool = False  # rgb: float 0..255 frames are rounded to uint8 (Push-T's human set)
+    rgb_from_float: bool = (
+        False  # rgb: float 0..255 frames are rounded to uint8 (Push-T's human set)
+    )
 
 
 @dataclass
@@ -129,7 +132,9 @@ def _frame_shape(spec: KeySpec, buffer: ReplayBuffer) -> tuple[int, ...]:
             )
         if spec.kind == "rgb":
             if dtype != np.uint8 and not (spec.rgb_from_float and dtype.kind == "f"):
-                raise DataError(f"{where}: data/{src.key} is {dtype}; an rgb key needs uint8 frames")
+                raise DataError(
+                    f"{where}: data/{src.key} is {dtype}; an rgb key needs uint8 frames"
+                )
             if len(frame) != 3 or frame[2] != 3 or src.start is not None:
                 raise DataError(
                     f"{where}: data/{src.key} has frames of shape {frame}; an rgb key needs whole (H, W, 3) frames"
@@ -224,3 +229,57 @@ def shape_meta(spec: TaskSpec, frames: dict[str, np.ndarray]) -> ShapeMeta:
             obs[name] = ObsSpec(shape, "float32", "low_dim", normalize=k.normalize)
     action_dim = int(frames["action"].shape[1])
     return ShapeMeta(obs=obs, action_dim=action_dim, action_normalize=spec.action.normalize)
+
+
+# ---------------------------------------------------------------------------------------------- guessing
+def _looks_like_action(key: str) -> bool:
+    k = key.lower()
+    return k in ("action", "actions") or k.endswith(("_action", ".action", "_actions"))
+
+
+def guess_kind(key: str, dtype: np.dtype, frame: tuple[int, ...]) -> str | None:
+    """`dp data info`'s guess: action, rgb (uint8 HWC), low_dim (numbers), or None (not usable:
+    not numbers, or HWC frames that are not uint8, which an rgb key refuses)."""
+    if dtype.kind not in "biuf":
+        return None
+    if _looks_like_action(key):
+        return "action"
+    if len(frame) == 3 and frame[2] == 3:
+        return "rgb" if dtype == np.uint8 else None
+    return "low_dim"
+
+
+def guess_task_yaml(buffer: ReplayBuffer, path: str) -> str:
+    """A pasteable `task:` block for the store: every usable key as an observation, the action
+    guessed by name; unusable keys and a missing action are left as comments."""
+    import yaml
+
+    obs, actions, skipped = {}, [], []
+    for key in buffer.keys():
+        arr = buffer[key]
+        kind = guess_kind(key, np.dtype(arr.dtype), tuple(arr.shape[1:]))
+        if kind is None:
+            skipped.append(f"{key} ({np.dtype(arr.dtype)} {tuple(arr.shape[1:])})")
+        elif kind == "action":
+            actions.append(key)
+        else:
+            obs[key] = {"kind": kind, "source": [key]}
+            if kind == "low_dim":
+                obs[key]["normalize"] = "minmax"
+    name = Path(path.rstrip("/")).name.removesuffix(".zarr") or "my_robot"
+    task = {
+        "name": name,
+        "dataset": str(path),
+        "env_id": None,
+        "control_hz": 10.0,
+        "obs": obs,
+        "action": {"source": actions[:1] or ["action"], "normalize": "minmax"},
+    }
+    text = yaml.safe_dump({"task": task}, sort_keys=False, default_flow_style=None)
+    notes = [f"# left out (not numbers, or HWC images that are not uint8): {', '.join(skipped)}"]
+    notes = notes if skipped else []
+    if not actions:
+        notes.append("# no key is named like an action: set task.action.source")
+    elif len(actions) > 1:
+        notes.append(f"# several keys look like actions ({', '.join(actions)}): the first is used")
+    return "".join(n + "\n" for n in notes) + text

@@ -145,7 +145,12 @@ class Policy(nn.Module, ABC):
             want = (n_steps, *spec.shape)
             rgb = spec.kind == "rgb"
             if rgb:  # uint8 HWC at the trained size (any size when the encoder resizes)
-                check_image_obs(key, x, want, any_size=(spec.resize or self.config.encoder.resize_shape) is not None)
+                check_image_obs(
+                    key,
+                    x,
+                    want,
+                    any_size=(spec.resize or self.config.encoder.resize_shape) is not None,
+                )
             bad_batch = batch is not None and x.shape[0] != batch
             if (not rgb and tuple(x.shape[1:]) != want) or bad_batch:
                 raise ObservationError(
