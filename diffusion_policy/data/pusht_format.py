@@ -15,6 +15,7 @@ straight to the policy:
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -118,21 +119,21 @@ def require(buffer: ReplayBuffer, keys: list[str]) -> None:
 def pusht_spec(obs_type: str) -> TaskSpec:
     """The declared spec that `task.obs_type` is shorthand for. `state` keeps a reader of its own:
     its block angle is wrapped to [0, 2π) as the env observes it, which no declaration expresses."""
-    needed_keys(obs_type)  # an unknown obs type is one line naming it
+    check = partial(require, keys=needed_keys(obs_type))  # an unknown obs type: one line naming it
     action = KeySpec("task.action", "low_dim", (Source("action"),), shape=(2,))
     agent_pos = (Source("state", 0, 2),)  # agent xy
     if obs_type == "state":
         obs = {"state": KeySpec("task.obs.state", "low_dim", (Source("state"),), shape=(5,))}
-        return TaskSpec(obs, action, "pusht:state", reader=_state_frames)
+        return TaskSpec(obs, action, "pusht:state", reader=_state_frames, check=check)
     if obs_type == "keypoints":  # the 9 keypoints flattened, then agent xy
         sources = (Source("keypoint"), *agent_pos)
         obs = {"keypoints": KeySpec("task.obs.keypoints", "low_dim", sources, shape=(20,))}
-        return TaskSpec(obs, action, "pusht:keypoints")
+        return TaskSpec(obs, action, "pusht:keypoints", check=check)
     obs = {
         "pixels": KeySpec("task.obs.pixels", "rgb", (Source("img"),), rgb_from_float=True),
         "agent_pos": KeySpec("task.obs.agent_pos", "low_dim", agent_pos, shape=(2,)),
     }
-    return TaskSpec(obs, action, "pusht:pixels_agent_pos")
+    return TaskSpec(obs, action, "pusht:pixels_agent_pos", check=check)
 
 
 def _state_frames(buffer: ReplayBuffer) -> dict[str, np.ndarray]:
@@ -143,5 +144,4 @@ def _state_frames(buffer: ReplayBuffer) -> dict[str, np.ndarray]:
 
 def pusht_frames(buffer: ReplayBuffer, obs_type: str) -> dict[str, np.ndarray]:
     """Per-frame arrays (N, ...) for one obs type, computed once: obs keys plus "action"."""
-    require(buffer, needed_keys(obs_type))
     return read_frames(buffer, pusht_spec(obs_type))

@@ -76,6 +76,8 @@ class TaskSpec:
     label: str = "task"
     # a format's own reader (Push-T): store -> frames {obs key..., "action"}; checked like any other
     reader: Callable[[ReplayBuffer], dict[str, np.ndarray]] | None = field(default=None, repr=False)
+    # a format's own check of the store (Push-T: its keys' dtypes and shapes), run before the spec's
+    check: Callable[[ReplayBuffer], None] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         order = sorted(self.obs, key=lambda k: self.obs[k].kind != "rgb")  # stable: rgb first
@@ -155,6 +157,8 @@ def _frame_shape(spec: KeySpec, buffer: ReplayBuffer) -> tuple[int, ...]:
 def check_spec(buffer: ReplayBuffer, spec: TaskSpec) -> dict[str, tuple[int, ...]]:
     """Per-frame shapes of every policy key, after checking sources, dtypes, slices and declared shapes
     (reads no data)."""
+    if spec.check is not None:
+        spec.check(buffer)
     shapes = {}
     for name, key in spec.keys().items():
         shape = _frame_shape(key, buffer)

@@ -192,9 +192,8 @@ class _StepTracker:
 
 
 def _open_vector_env(task: TaskConfig, cfg: EvalConfig, n_envs: int) -> gym.vector.VectorEnv:
-    fn = partial(
-        make_env, task.env_id, task.obs_type, cfg.max_steps, cfg.video_size, task.env_kwargs
-    )
+    extra = {"env_kwargs": dict(task.env_kwargs)} if task.env_kwargs else {}
+    fn = partial(make_env, task.env_id, task.obs_type, cfg.max_steps, cfg.video_size, **extra)
     # Episodes end at different steps; NEXT_STEP autoreset lets a finished env be stepped along with the
     # rest (it resets, and its results are masked out) where DISABLED would refuse the whole batch.
     vector = (
