@@ -22,23 +22,127 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_PRESET = "pusht_diffusion_state"
 
 
+NORMALIZE_MODES = (
+    "minmax",
+    "identity",
+)  # low-dim and action normalisation; rgb is fixed [0, 255] -> [-1, 1]
+PUSHT_OBS_TYPES = ("state", "keypoints", "pixels_agent_pos")
+
+
+def _check_hw(where: str, v: list[int] | None) -> None:
+    if v is not None and (len(v) != 2 or min(v) < 1):
+        raise ConfigError(f"{where}={list(v)}: expected [height, width] >= 1")
+
+
+@dataclass
+class ObsKeyConfig:
+    """One policy observation key, built per frame from store keys (see data/task_spec.py)."""
+
+    kind: str = "low_dim"  # low_dim | rgb
+    source: list[str] = field(
+        default_factory=list
+    )  # store keys, "key[a:b]" for columns; [] = [the key's name]
+    shape: list[int] | None = (
+        None  # the per-frame shape the store must give; null = whatever it has
+    )
+    normalize: str | None = (
+        None  # low_dim: minmax (default) | identity; rgb: always [0, 255] -> [-1, 1]
+    )
+    resize: list[int] | None = (
+        None  # rgb: resize to [H, W] first (null: policy.encoder.resize_shape)
+    )
+    crop: list[int] | None = (
+        None  # rgb: crop [h, w], random in training, center in eval (null: policy.encoder.crop_shape)
+    )
+
+    def check(self, where: str) -> None:
+        """One ConfigError naming `where` (task.obs.KEY) and the first bad field."""
+        if self.kind not in ("low_dim", "rgb"):
+            raise ConfigError(f"{where}.kind={self.kind!r}: expected low_dim or rgb")
+        if self.kind == "rgb":
+            if len(self.source) > 1:
+                raise ConfigError(
+                    f"{where}.source={list(self.source)}: an rgb key has exactly one source"
+                )
+            if self.normalize not in (None, "fixed"):
+                raise ConfigError(
+                    f"{where}.normalize={self.normalize!r}: rgb is always [0, 255] -> [-1, 1]; leave it out"
+                )
+        else:
+            for name in ("resize", "crop"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"{where}.{name}: only rgb keys are resized or cropped")
+            if self.normalize is not None and self.normalize not in NORMALIZE_MODES:
+                raise ConfigError(
+                    f"{where}.normalize={self.normalize!r}: expected minmax or identity"
+                )
+        _check_hw(f"{where}.resize", self.resize)
+        _check_hw(f"{where}.crop", self.crop)
+        if (
+            self.resize
+            and self.crop
+            and (self.crop[0] > self.resize[0] or self.crop[1] > self.resize[1])
+        ):
+            raise ConfigError(
+                f"{where}.crop={list(self.crop)} must fit inside {where}.resize={list(self.resize)}"
+            )
+        if self.shape is not None and (not self.shape or min(self.shape) < 1):
+            raise ConfigError(f"{where}.shape={list(self.shape)}: expected positive sizes")
+
+
+@dataclass
+class ActionConfig:
+    """The action the policy predicts: store keys concatenated per frame, like a low-dim observation."""
+
+    source: list[str] = field(default_factory=lambda: ["action"])
+    dim: int | None = None  # the action size the store must give; null = whatever it has
+    normalize: str = "minmax"  # minmax | identity
+
+    def check(self) -> None:
+        if not self.source:
+            raise ConfigError("task.action.source is empty: name the store key(s) of the action")
+        if self.normalize not in NORMALIZE_MODES:
+            raise ConfigError(
+                f"task.action.normalize={self.normalize!r}: expected minmax or identity"
+            )
+        if self.dim is not None and self.dim < 1:
+            raise ConfigError(f"task.action.dim={self.dim}: must be >= 1 or null")
+
+
 @dataclass
 class TaskConfig:
-    """What the policy observes and where its demonstrations are."""
+    """What the policy observes and where its demonstrations are.
+
+    `obs` declares each observation key (kind, store sources, normalisation, per-camera resize/crop);
+    when it is empty, `obs_type` is Push-T's shorthand for its declared spec (data/pusht_format.py).
+    """
 
     name: str = "pusht"
-    env_id: str = "PushT-v0"
-    obs_type: str = "keypoints"  # state | keypoints | pixels_agent_pos
+    env_id: str | None = "PushT-v0"  # a gymnasium id for rollouts; null: no simulator
+    env_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to gymnasium.make
+    obs_type: str = "keypoints"  # Push-T shorthand, used when obs is empty: state | keypoints | pixels_agent_pos
     dataset: str = (
         "datasets/pusht/pusht_cchi_v7_replay.zarr"  # relative paths resolve from the working dir
     )
     control_hz: float = 10.0
+    obs: dict[str, ObsKeyConfig] = field(default_factory=dict)
+    action: ActionConfig = field(default_factory=ActionConfig)
 
     def __post_init__(self) -> None:
-        if self.obs_type not in ("state", "keypoints", "pixels_agent_pos"):
+        if self.obs_type not in PUSHT_OBS_TYPES:
             raise ConfigError(
                 f"task.obs_type={self.obs_type!r}: expected one of state, keypoints, pixels_agent_pos"
             )
+        if not self.control_hz > 0:
+            raise ConfigError(f"task.control_hz={self.control_hz}: must be > 0")
+        for key, spec in self.obs.items():
+            spec.check(f"task.obs.{key}")
+        self.action.check()
+
+    @property
+    def declared(self) -> bool:
+        """True when the task lists its observations (else it is the Push-T obs_type shorthand)."""
+        return bool(self.obs)
 
 
 @dataclass

@@ -208,3 +208,19 @@ def test_a_file_or_directory_named_like_a_preset_does_not_shadow_it(tmp_path, mo
     (tmp_path / "adir").mkdir()
     with pytest.raises(ConfigError, match="unknown preset 'adir'"):
         load_config("adir")
+
+
+def test_declared_task_round_trips_and_old_task_sections_load():
+    """A declared task survives a checkpoint's config.yaml; an old one (obs_type, no obs) still loads."""
+    from diffusion_policy.config import config_from_nodes, config_from_yaml, config_to_yaml
+
+    node = {"task": {"env_id": None, "env_kwargs": {"obs_type": "keypoints"},
+                     "obs": {"cam": {"kind": "rgb", "crop": [8, 8]}, "s": {"source": ["a", "b[0:2]"], "normalize": "identity"}},
+                     "action": {"source": ["act"], "dim": 7}}}  # fmt: skip
+    cfg = config_from_nodes([node])
+    again = config_from_yaml(config_to_yaml(cfg))
+    assert again.task == cfg.task and again.task.obs["s"].source == ["a", "b[0:2]"]
+    old = config_from_nodes(
+        [{"task": {"name": "pusht", "env_id": "PushT-v0", "obs_type": "state"}}]
+    )
+    assert old.task.obs == {} and not old.task.declared and old.task.action.source == ["action"]

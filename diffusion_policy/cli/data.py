@@ -18,6 +18,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     import numpy as np
 
     from diffusion_policy.data.replay_buffer import ReplayBuffer
+    from diffusion_policy.data.task_spec import guess_task_yaml
 
     buf = ReplayBuffer.open(args.path, "r")
     lengths = buf.episode_lengths
@@ -26,8 +27,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"episodes  {buf.n_episodes}")
     print(f"steps     {buf.n_steps}")
     if lengths.size:
-        print(f"lengths   min {lengths.min()}  mean {lengths.mean():.1f}  max {lengths.max()}")
-    print(f"{'key':<20} {'shape':<22} {'dtype':<9} {'chunks':<20} compressors")
+        print(
+            f"lengths   min {lengths.min()}  median {np.median(lengths):.0f}  mean {lengths.mean():.1f}  "
+            f"max {lengths.max()}  (steps per episode)"
+        )
+    print(f"{'key':<20} {'shape':<22} {'frame':<16} {'dtype':<9} {'chunks':<20} compressors")
     arrays = [(f"data/{k}", buf[k]) for k in buf.keys()] + [("meta/episode_ends", buf._ends)]
     for name, a in arrays:
         comp = getattr(a, "compressors", ()) or ()
@@ -35,9 +39,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
             type(c).__name__ if not hasattr(c, "cname") else f"{type(c).__name__}({_cname(c)})"
             for c in comp
         )
+        frame = str(tuple(a.shape[1:])) if name.startswith("data/") else "-"
         print(
-            f"{name:<20} {str(tuple(a.shape)):<22} {str(np.dtype(a.dtype)):<9} {str(tuple(a.chunks)):<20} {comp_s}"
+            f"{name:<20} {str(tuple(a.shape)):<22} {frame:<16} {str(np.dtype(a.dtype)):<9} {str(tuple(a.chunks)):<20} {comp_s}"
         )
+    print()
+    print("# a task spec guessed from the keys (check the kinds, then paste it into a preset):")
+    print(guess_task_yaml(buf, str(args.path)), end="")
     return 0
 
 
@@ -153,7 +161,7 @@ Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argpar
 # name -> (help, add-arguments, run). Adding a subcommand is one function and one line here.
 _SUBCOMMANDS: dict[str, Command] = {
     "info": (
-        "episodes, steps, keys, shapes, dtypes, chunks and episode lengths",
+        "episodes, steps, keys, shapes, dtypes, chunks, episode lengths and a task spec to paste",
         _args_path,
         _cmd_info,
     ),

@@ -1,12 +1,15 @@
-"""Push-T training windows as {"obs": {key: (To, ...)}, "action": (T, Da)}, ready for any device.
+"""Training windows of a replay-buffer store as {"obs": {key: (To, ...)}, "action": (T, Da)}, ready
+for any device, for any declared task (data/task_spec.py): any number of cameras and low-dim keys.
 
-The whole dataset is small (Push-T pixels are 0.7 GB as uint8), so every frame is kept resident and a
-batch is gathered with one fancy-index per key (`get_batch`), on the CPU or, after `.to("cuda")`, on the
-GPU with no DataLoader workers and no host-to-device copy per step. `__getitem__` returns the same
-sample as numpy for inspection and for users who prefer a torch DataLoader.
+Every frame is kept resident and a batch is gathered with one fancy-index per key (`get_batch`), on
+the CPU or, after `.to("cuda")`, on the GPU with no DataLoader workers and no host-to-device copy per
+step. `__getitem__` returns the same sample as numpy for inspection and for users who prefer a torch
+DataLoader.
 
-Which store keys each observation type reads, and how, is the Push-T format's (data/pusht_format.py);
-loading also checks the values (finite, plausible magnitudes: see ReplayBuffer.read).
+Which store keys make each policy key is the task's spec: declared in the config (`task.obs`,
+`task.action`), or Push-T's `task.obs_type` shorthand (data/pusht_format.py: `pusht_spec`). Loading
+checks the store against the spec first (every problem one line naming the key), then the values
+(finite, plausible magnitudes: see ReplayBuffer.read).
 
 Validation episodes (`val_episodes`):
   * "heldout" (default): only the val_ratio episodes split off by `get_val_mask` (4 on Push-T), which
@@ -22,7 +25,7 @@ import copy
 import numpy as np
 import torch
 
-from diffusion_policy.data.pusht_format import needed_keys, pusht_frames
+from diffusion_policy.data.pusht_format import pusht_spec
 from diffusion_policy.data.replay_buffer import ReplayBuffer
 from diffusion_policy.data.sampler import (
     create_windows,
@@ -30,20 +33,20 @@ from diffusion_policy.data.sampler import (
     get_val_mask,
     window_frames,
 )
-from diffusion_policy.shapes import ObsSpec, ShapeMeta
+from diffusion_policy.data.task_spec import (
+    TaskSpec,
+    check_spec,
+    read_frames,
+    shape_meta,
+    spec_from_config,
+)
 
 VAL_EPISODES = ("heldout", "complement")
 
 
-def _shape_meta(frames: dict[str, np.ndarray]) -> ShapeMeta:
-    obs = {}
-    for k, v in frames.items():
-        if k != "action" and v.dtype == np.uint8:
-            obs[k] = ObsSpec(v.shape[1:], "uint8", "rgb")
-    for k, v in frames.items():
-        if k != "action" and v.dtype != np.uint8:
-            obs[k] = ObsSpec(v.shape[1:], "float32", "low_dim")
-    return ShapeMeta(obs=obs, action_dim=int(frames["action"].shape[1]))
+def task_spec(task) -> TaskSpec:
+    """The spec a TaskConfig declares: `task.obs` when given, else the Push-T `obs_type` shorthand."""
+    return spec_from_config(task) if task.obs else pusht_spec(task.obs_type)
 
 
 def _gather(frames: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -66,13 +69,13 @@ class _Frames:
         return self._torch[device]
 
 
-class PushTDataset:
-    """Windows of a Push-T store as {"obs": {key: (To, ...)}, "action": (T, Da)}."""
+class ReplayDataset:
+    """Windows of a replay-buffer store, per a task spec, as {"obs": {key: (To, ...)}, "action": (T, Da)}."""
 
     def __init__(
         self,
         buffer: ReplayBuffer,
-        obs_type: str,
+        spec: TaskSpec,
         horizon: int,
         n_obs_steps: int,
         n_action_steps: int,
@@ -84,12 +87,12 @@ class PushTDataset:
             )
         if n_action_steps < 1:
             raise ValueError(f"n_action_steps must be >= 1, got {n_action_steps}")
-        self.obs_type = obs_type
+        self.spec = spec
         self.horizon = int(horizon)
         self.n_obs_steps = int(n_obs_steps)
         self.n_action_steps = int(n_action_steps)
-        self._frames = _Frames(pusht_frames(buffer, obs_type))
-        self.shape_meta = _shape_meta(self._frames.numpy)
+        self._frames = _Frames(read_frames(buffer, spec))
+        self.shape_meta = shape_meta(spec, self._frames.numpy)
         self.episode_ends = buffer.episode_ends
         self._device = torch.device("cpu")
         self._set_mask(episode_mask)
@@ -109,7 +112,7 @@ class PushTDataset:
         )
         self._windows = torch.from_numpy(self._windows_np).to(self._device)
 
-    def view(self, episode_mask: np.ndarray) -> PushTDataset:
+    def view(self, episode_mask: np.ndarray) -> ReplayDataset:
         """Another dataset over the same frames (no copy) with a different episode mask."""
         other = copy.copy(self)
         other._set_mask(episode_mask)
@@ -119,7 +122,7 @@ class PushTDataset:
     def device(self) -> torch.device:
         return self._device
 
-    def to(self, device: str | torch.device) -> PushTDataset:
+    def to(self, device: str | torch.device) -> ReplayDataset:
         """Make every frame and the window table resident on `device` (in place; returns self)."""
         self._device = torch.device(device)
         if self._device.type == "cuda" and self._device.index is None:
@@ -155,14 +158,31 @@ class PushTDataset:
 
     def __repr__(self) -> str:
         return (
-            f"PushTDataset({self.obs_type}, {len(self)} windows from {int(self.episode_mask.sum())} episodes, "
+            f"{type(self).__name__}({self.spec.label}, {len(self)} windows from {int(self.episode_mask.sum())} episodes, "
             f"T={self.horizon}, To={self.n_obs_steps}, Ta={self.n_action_steps}, device={self._device})"
         )
 
 
-def make_pusht_datasets(
+class PushTDataset(ReplayDataset):
+    """A Push-T store read by its `obs_type` shorthand (the spec `pusht_spec(obs_type)` declares)."""
+
+    def __init__(
+        self,
+        buffer: ReplayBuffer,
+        obs_type: str,
+        horizon: int,
+        n_obs_steps: int,
+        n_action_steps: int,
+        episode_mask: np.ndarray | None = None,
+    ):
+        self.obs_type = obs_type
+        spec = pusht_spec(obs_type)
+        super().__init__(buffer, spec, horizon, n_obs_steps, n_action_steps, episode_mask)
+
+
+def make_datasets(
     path: str,
-    obs_type: str,
+    spec: TaskSpec,
     horizon: int,
     n_obs_steps: int,
     n_action_steps: int,
@@ -170,16 +190,24 @@ def make_pusht_datasets(
     split_seed: int = 42,
     max_train_episodes: int | None = 90,
     val_episodes: str = "heldout",
-) -> tuple[PushTDataset, PushTDataset | None]:
-    """Loads the store once (only the keys this obs_type needs) and returns train and val views sharing memory."""
-    keys = needed_keys(obs_type)
+) -> tuple[ReplayDataset, ReplayDataset | None]:
+    """Loads the store once (only the keys the spec reads) and returns train and val views sharing memory."""
     if val_episodes not in VAL_EPISODES:
         raise ValueError(f"val_episodes must be one of {VAL_EPISODES}, got {val_episodes!r}")
+    check_spec(ReplayBuffer.open(path, "r", keys=[]), spec)  # spec problems name the spec key
     # Open on disk and convert block by block: pixels never exist in RAM as float32 (2.8 GB).
-    buffer = ReplayBuffer.open(path, "r", keys=keys)
+    buffer = ReplayBuffer.open(path, "r", keys=spec.store_keys())
     val_mask = get_val_mask(buffer.n_episodes, val_ratio, split_seed)
     train_mask = downsample_mask(~val_mask, max_train_episodes, split_seed)
-    train = PushTDataset(buffer, obs_type, horizon, n_obs_steps, n_action_steps, train_mask)
+    train = ReplayDataset(buffer, spec, horizon, n_obs_steps, n_action_steps, train_mask)
     heldout = val_mask if val_episodes == "heldout" else ~train_mask
     val = train.view(heldout) if heldout.any() else None
     return train, val
+
+
+def make_pusht_datasets(
+    path: str, obs_type: str, horizon: int, n_obs_steps: int, n_action_steps: int, *split, **kw
+) -> tuple[ReplayDataset, ReplayDataset | None]:
+    """`make_datasets` for a Push-T store read by its obs_type shorthand."""
+    spec = pusht_spec(obs_type)
+    return make_datasets(path, spec, horizon, n_obs_steps, n_action_steps, *split, **kw)

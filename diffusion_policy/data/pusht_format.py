@@ -1,5 +1,6 @@
 """The Push-T episode format, in one place: the keys a store holds, their dtypes and shapes, how a
-step is written (`frame`, `stack_episode`) and how each observation type reads it (`pusht_frames`).
+step is written (`frame`, `stack_episode`) and the declared task spec each observation type is
+shorthand for (`pusht_spec`, read by data/task_spec.py).
 
 The layout is the human set's (PUSHT_SPEC.md §2.2): each step stores the observation BEFORE the action
 with that action. `img` is uint8 in the stores we write (the human set stores float32 0..255; the
@@ -14,11 +15,13 @@ straight to the policy:
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import numpy as np
 
 from diffusion_policy.data.replay_buffer import ReplayBuffer
+from diffusion_policy.data.task_spec import KeySpec, Source, TaskSpec, read_frames
 from diffusion_policy.errors import DataError
 
 # key -> (trailing shape, None where any size is fine; allowed dtype kinds; what it holds)
@@ -113,33 +116,32 @@ def require(buffer: ReplayBuffer, keys: list[str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- reading
+def pusht_spec(obs_type: str) -> TaskSpec:
+    """The declared spec that `task.obs_type` is shorthand for. `state` keeps a reader of its own:
+    its block angle is wrapped to [0, 2π) as the env observes it, which no declaration expresses."""
+    check = partial(require, keys=needed_keys(obs_type))  # an unknown obs type: one line naming it
+    action = KeySpec("task.action", "low_dim", (Source("action"),), shape=(2,))
+    agent_pos = (Source("state", 0, 2),)  # agent xy
+    if obs_type == "state":
+        obs = {"state": KeySpec("task.obs.state", "low_dim", (Source("state"),), shape=(5,))}
+        return TaskSpec(obs, action, "pusht:state", reader=_state_frames, check=check)
+    if obs_type == "keypoints":  # the 9 keypoints flattened, then agent xy
+        sources = (Source("keypoint"), *agent_pos)
+        obs = {"keypoints": KeySpec("task.obs.keypoints", "low_dim", sources, shape=(20,))}
+        return TaskSpec(obs, action, "pusht:keypoints", check=check)
+    obs = {
+        "pixels": KeySpec("task.obs.pixels", "rgb", (Source("img"),), rgb_from_float=True),
+        "agent_pos": KeySpec("task.obs.agent_pos", "low_dim", agent_pos, shape=(2,)),
+    }
+    return TaskSpec(obs, action, "pusht:pixels_agent_pos", check=check)
+
+
+def _state_frames(buffer: ReplayBuffer) -> dict[str, np.ndarray]:
+    state = buffer.read("state").astype(np.float32)
+    wrapped = np.concatenate([state[:, :4], np.mod(state[:, 4:5], 2 * np.pi)], axis=1)
+    return {"state": wrapped, "action": buffer.read("action").astype(np.float32)}
+
+
 def pusht_frames(buffer: ReplayBuffer, obs_type: str) -> dict[str, np.ndarray]:
     """Per-frame arrays (N, ...) for one obs type, computed once: obs keys plus "action"."""
-    require(buffer, needed_keys(obs_type))
-    state = buffer.read("state").astype(np.float32)
-    frames: dict[str, np.ndarray] = {}
-    if obs_type == "state":
-        frames["state"] = np.concatenate([state[:, :4], np.mod(state[:, 4:5], 2 * np.pi)], axis=1)
-    elif obs_type == "keypoints":
-        kp = buffer.read("keypoint").astype(np.float32)
-        frames["keypoints"] = np.concatenate([kp.reshape(len(kp), -1), state[:, :2]], axis=1)
-    else:
-        frames["pixels"] = _to_uint8(buffer, "img")
-        frames["agent_pos"] = np.ascontiguousarray(state[:, :2])
-    frames["action"] = buffer.read("action").astype(np.float32)
-    return frames
-
-
-def _to_uint8(buffer: ReplayBuffer, key: str) -> np.ndarray:
-    """Round 0..255 float images to uint8 block by block (peak memory: the uint8 array + one block)."""
-    arr = buffer[key]
-    out = np.empty(arr.shape, dtype=np.uint8)
-    for start, block in buffer.iter_blocks(key):
-        if block.dtype != np.uint8:
-            if block.size and (block.min() < 0 or block.max() > 255):
-                raise DataError(
-                    f"{buffer.path}: data/{key}: values outside 0..255 near frame {start}"
-                )
-            block = np.rint(block)
-        out[start : start + len(block)] = block
-    return out
+    return read_frames(buffer, pusht_spec(obs_type))

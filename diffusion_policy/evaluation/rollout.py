@@ -64,12 +64,15 @@ class VideoRecorder(gym.Wrapper):
         super().close()
 
 
-def make_env(env_id: str, obs_type: str, max_steps: int, video_size: int) -> gym.Env:
+def make_env(
+    env_id: str, obs_type: str, max_steps: int, video_size: int, env_kwargs: dict | None = None
+) -> gym.Env:
+    """`env_kwargs` (task.env_kwargs) go to gymnasium.make as given; without them, Push-T's obs_type."""
     import envs  # noqa: F401  (registers PushT-v0)
 
     env = gym.make(
         env_id,
-        obs_type=obs_type,
+        **(dict(env_kwargs) if env_kwargs else {"obs_type": obs_type}),
         render_mode="rgb_array",
         render_size=video_size,
         max_episode_steps=max_steps,
@@ -189,7 +192,8 @@ class _StepTracker:
 
 
 def _open_vector_env(task: TaskConfig, cfg: EvalConfig, n_envs: int) -> gym.vector.VectorEnv:
-    fn = partial(make_env, task.env_id, task.obs_type, cfg.max_steps, cfg.video_size)
+    extra = {"env_kwargs": dict(task.env_kwargs)} if task.env_kwargs else {}
+    fn = partial(make_env, task.env_id, task.obs_type, cfg.max_steps, cfg.video_size, **extra)
     # Episodes end at different steps; NEXT_STEP autoreset lets a finished env be stepped along with the
     # rest (it resets, and its results are masked out) where DISABLED would refuse the whole batch.
     vector = (

@@ -15,7 +15,7 @@ from torch import nn
 from diffusion_policy.errors import ConfigError
 
 if TYPE_CHECKING:
-    from diffusion_policy.shapes import ShapeMeta
+    from diffusion_policy.shapes import ObsSpec, ShapeMeta
 
 
 # image encoder names (policy.encoder.image); built by build_image_encoder
@@ -101,7 +101,7 @@ class ObsEncoder(nn.Module):
         rgb = [k for k, s in shape_meta.obs.items() if s.kind == "rgb"]
         low = [k for k, s in shape_meta.obs.items() if s.kind == "low_dim"]
         self.image_encoders = nn.ModuleDict(
-            {k: build_image_encoder(cfg, shape_meta.obs[k].shape, key=k) for k in rgb}
+            {k: image_encoder_for(cfg, shape_meta.obs[k], key=k) for k in rgb}
         )
         self.low_dim = LowDimEncoder(low, [math.prod(shape_meta.obs[k].shape) for k in low], cfg)
         self.output_dim = (
@@ -115,23 +115,37 @@ class ObsEncoder(nn.Module):
         return torch.cat(feats, dim=-1)
 
 
+def image_encoder_for(cfg: EncoderConfig, spec: ObsSpec, key: str) -> nn.Module:
+    """The encoder of one camera: its own resize and crop where the task declares them, else the
+    policy's (policy.encoder.resize_shape / crop_shape)."""
+    resize = spec.resize or cfg.resize_shape
+    crop = spec.crop or cfg.crop_shape
+    return build_image_encoder(cfg, spec.shape, key=key, resize=resize, crop=crop)
+
+
 def build_image_encoder(
-    cfg: EncoderConfig, shape: tuple[int, ...], key: str = "image"
+    cfg: EncoderConfig,
+    shape: tuple[int, ...],
+    key: str = "image",
+    resize: tuple[int, int] | list[int] | None = None,
+    crop: tuple[int, int] | list[int] | None = None,
 ) -> nn.Module:
-    """(B, To, H, W, 3) uint8 -> (B, To, F); `output_dim` = F. The paper's encoder (spec §3.2)."""
+    """(B, To, H, W, 3) uint8 -> (B, To, F); `output_dim` = F. The paper's encoder (spec §3.2).
+    `resize`/`crop` default to the config's resize_shape/crop_shape."""
     from diffusion_policy.models.vision import ImageEncoder
 
     if cfg.image not in IMAGE_ENCODERS:
         raise ConfigError(
             f"policy.encoder.image={cfg.image!r}: expected one of {', '.join(IMAGE_ENCODERS)}"
         )
-    resize = None if cfg.resize_shape is None else (cfg.resize_shape[0], cfg.resize_shape[1])
+    resize = resize if resize is not None else cfg.resize_shape
+    crop = crop if crop is not None else cfg.crop_shape
     return ImageEncoder(
         tuple(shape),
-        crop_shape=(cfg.crop_shape[0], cfg.crop_shape[1]),
+        crop_shape=(crop[0], crop[1]),
         num_keypoints=cfg.num_keypoints,
         feature_dim=cfg.image_feature_dim,
         width=cfg.resnet_width,
-        resize_shape=resize,
+        resize_shape=None if resize is None else (resize[0], resize[1]),
         key=key,
     )

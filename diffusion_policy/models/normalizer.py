@@ -19,7 +19,7 @@ from torch import nn
 from diffusion_policy.errors import DataError
 
 MAX_ABS = 1e6  # statistics beyond this are refused: the data layer's plausible-magnitude bound
-Mode = Literal["limits", "gaussian"]
+Mode = Literal["limits", "gaussian", "identity"]
 
 
 class NormalizerError(KeyError):
@@ -44,8 +44,10 @@ def _check_stats(key: str, stats: Mapping[str, torch.Tensor]) -> None:
 class LinearNormalizer(nn.Module):
     """y = x * scale + offset per key and dimension (the last axis); inverse x = (y - offset) / scale.
 
-    `limits` maps [min, max] to [-1, 1]; `gaussian` maps to zero mean and unit std. A dimension whose
-    range (or std) is below `eps` gets scale 1 and maps to 0 at its constant value.
+    `limits` maps [min, max] to [-1, 1]; `gaussian` maps to zero mean and unit std; `identity` passes
+    values through (scale 1, offset 0) but still records the statistics, for keys a task declares
+    already normalised. A dimension whose range (or std) is below `eps` gets scale 1 and maps to 0 at
+    its constant value.
     """
 
     def __init__(self, dims: Mapping[str, int]):
@@ -84,13 +86,15 @@ class LinearNormalizer(nn.Module):
     def fit(
         self,
         data: Mapping[str, np.ndarray | torch.Tensor],
-        mode: Mode = "limits",
+        mode: Mode | Mapping[str, Mode] = "limits",
         output_range: tuple[float, float] = (-1.0, 1.0),
         eps: float = 1e-4,
     ) -> LinearNormalizer:
-        """Fit every key in `data` (arrays of shape (..., D)); keys must have been declared."""
+        """Fit every key in `data` (arrays of shape (..., D)); keys must have been declared. `mode` is
+        one mode for all keys or a mapping key -> mode (keys it does not name use `limits`)."""
         lo_out, hi_out = output_range
         for key, value in data.items():
+            key_mode = mode if isinstance(mode, str) else mode.get(key, "limits")
             if key not in self.dims:
                 raise NormalizerError(
                     f"cannot fit {key!r}: not declared (known: {sorted(self.dims)})"
@@ -106,7 +110,9 @@ class LinearNormalizer(nn.Module):
             xmin, xmax = x.min(0).values, x.max(0).values
             mean, std = x.mean(0), x.std(0, unbiased=False)
             _check_stats(key, {"min": xmin, "max": xmax, "mean": mean, "std": std})
-            if mode == "limits":
+            if key_mode == "identity":
+                scale, offset = torch.ones_like(xmin), torch.zeros_like(xmin)
+            elif key_mode == "limits":
                 rng = xmax - xmin
                 const = rng < eps
                 scale = torch.where(
@@ -115,14 +121,16 @@ class LinearNormalizer(nn.Module):
                     (hi_out - lo_out) / torch.where(const, torch.ones_like(rng), rng),
                 )
                 offset = torch.where(const, -xmin, lo_out - scale * xmin)
-            elif mode == "gaussian":
+            elif key_mode == "gaussian":
                 const = std < eps
                 scale = torch.where(
                     const, torch.ones_like(std), 1.0 / torch.where(const, torch.ones_like(std), std)
                 )
                 offset = torch.where(const, -mean, -mean * scale)
             else:
-                raise ValueError(f"unknown normaliser mode {mode!r} (known: limits, gaussian)")
+                raise ValueError(
+                    f"unknown normaliser mode {key_mode!r} (known: limits, gaussian, identity)"
+                )
             for stat, v in (
                 ("scale", scale),
                 ("offset", offset),

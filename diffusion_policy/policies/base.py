@@ -101,8 +101,14 @@ class Policy(nn.Module, ABC):
         return slice(start, start + self.config.n_action_steps)
 
     def fit_normalizer(self, data: dict[str, np.ndarray], mode: str = "limits") -> None:
-        """Fit from all frames of the dataset (spec §2.5): action and every low-dim obs key."""
-        self.normalizer.fit({k: v for k, v in data.items() if k in self.normalizer.dims}, mode=mode)
+        """Fit from all frames of the dataset (spec §2.5): action and every low-dim obs key, each in
+        its declared mode (shape_meta: minmax -> `mode`, identity -> raw values)."""
+        modes = {
+            k: mode if m == "minmax" else m for k, m in self.shape_meta.normalize_modes().items()
+        }
+        self.normalizer.fit(
+            {k: v for k, v in data.items() if k in self.normalizer.dims}, mode=modes
+        )
 
     @property
     def device(self) -> torch.device:
@@ -139,7 +145,12 @@ class Policy(nn.Module, ABC):
             want = (n_steps, *spec.shape)
             rgb = spec.kind == "rgb"
             if rgb:  # uint8 HWC at the trained size (any size when the encoder resizes)
-                check_image_obs(key, x, want, any_size=self.config.encoder.resize_shape is not None)
+                check_image_obs(
+                    key,
+                    x,
+                    want,
+                    any_size=(spec.resize or self.config.encoder.resize_shape) is not None,
+                )
             bad_batch = batch is not None and x.shape[0] != batch
             if (not rgb and tuple(x.shape[1:]) != want) or bad_batch:
                 raise ObservationError(

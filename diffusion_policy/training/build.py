@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from diffusion_policy.config import Config
-from diffusion_policy.data.datasets import make_pusht_datasets
+from diffusion_policy.data.datasets import make_datasets, task_spec
 from diffusion_policy.errors import ConfigError, DataError
 from diffusion_policy.registry import policy_class
 from diffusion_policy.shapes import ShapeMeta
@@ -154,9 +154,11 @@ def load_datasets(cfg: Config, device: str) -> tuple[Any, Any | None, str]:
     if not dataset_path.exists():
         raise DataError(
             f"dataset {dataset_path} not found: run `dp data fetch pusht` (or `dp data generate pusht --out {dataset_path}` offline), or set task.dataset=PATH"
+            if not cfg.task.obs
+            else f"dataset {dataset_path} not found: set task.dataset to your replay-buffer store"
         )
-    train_ds, val_ds = make_pusht_datasets(
-        str(dataset_path), cfg.task.obs_type, p.horizon, p.n_obs_steps, p.n_action_steps,
+    train_ds, val_ds = make_datasets(
+        str(dataset_path), task_spec(cfg.task), p.horizon, p.n_obs_steps, p.n_action_steps,
         val_ratio=cfg.data.val_ratio, split_seed=cfg.data.split_seed,
         max_train_episodes=cfg.data.max_train_episodes, val_episodes=cfg.data.val_episodes,
     )  # fmt: skip
