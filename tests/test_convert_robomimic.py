@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
+from declared import train_two_steps
 
 from diffusion_policy.cli.main import main
 from diffusion_policy.data.replay_buffer import ReplayBuffer, validate
@@ -167,8 +167,7 @@ def test_converted_store_trains(hdf5, tmp_path):
     """robomimic HDF5 -> convert -> `dp train` a few steps on a declared task (no simulator)."""
     store = tmp_path / "lift.zarr"
     assert main(["data", "convert", "robomimic", str(hdf5), "--out", str(store)]) == 0
-    cfg = yaml.safe_load((Path(__file__).parents[1] / "configs" / "smoke.yaml").read_text())
-    cfg["task"] = {
+    task = {
         "name": "robomimic_lift",
         "dataset": str(store),
         "env_id": None,
@@ -183,12 +182,4 @@ def test_converted_store_trains(hdf5, tmp_path):
         },
         "action": {"source": ["action"]},
     }
-    cfg["data"] = {"val_ratio": 0.25, "max_train_episodes": None}
-    preset = tmp_path / "robomimic_smoke.yaml"
-    preset.write_text(yaml.safe_dump(cfg))
-    run = tmp_path / "run"
-    flags = ["train.progress=false", "wandb.mode=disabled", "train.final_eval=false"]
-    args = [*flags, "train.max_steps=2", "train.eval_every=0", "train.batch_size=4", f"run_dir={run}"]  # fmt: skip
-    assert main(["train", str(preset), *args]) == 0
-    meta = json.loads((run / "checkpoints" / "latest" / "meta.json").read_text())
-    assert meta["step"] == 2
+    train_two_steps(tmp_path, task)
