@@ -1,4 +1,4 @@
-"""`dp data ...`: inspect, validate, fetch, generate and record demonstration stores.
+"""`dp data ...`: inspect, validate, fetch, generate, record and convert demonstration stores.
 
 Each subcommand is one `_cmd_<name>(args) -> int` function plus one `_SUBCOMMANDS` line giving its help
 and an argument-adding function. Library modules are imported inside the commands, so `--help` is instant.
@@ -157,7 +157,55 @@ def _cmd_record(args: argparse.Namespace) -> int:
     return 0
 
 
+def _args_convert_robomimic(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "file", type=Path, help="a robomimic .hdf5 file (data/demo_N/{actions,obs/<key>})"
+    )
+    p.add_argument("--out", type=Path, required=True, help="new zarr store to write")
+    p.add_argument(
+        "--filter-key",
+        default=None,
+        help="convert only the demos listed under mask/<KEY> (e.g. train, valid)",
+    )
+    p.add_argument(
+        "--keys",
+        default=None,
+        help="comma-separated obs keys to keep (default: all keys of the first demo)",
+    )
+
+
+def _cmd_convert_robomimic(args: argparse.Namespace) -> int:
+    from diffusion_policy.data.convert.robomimic import convert_robomimic
+
+    keys = [k.strip() for k in args.keys.split(",") if k.strip()] if args.keys else None
+    s = convert_robomimic(args.file, args.out, args.filter_key, keys)
+    shapes = ", ".join(f"{k} {shape} {dtype}" for k, (shape, dtype) in s.keys.items())
+    print(f"wrote {s.out}: {s.n_episodes} episodes, {s.n_steps} steps; {shapes}")
+    print(f"next: `dp data info {s.out}` prints a task spec to paste into your config")
+    return 0
+
+
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+# `dp data convert SOURCE ...`: one entry per source format, the same (help, add-arguments, run).
+_CONVERT_SOURCES: dict[str, Command] = {
+    "robomimic": (
+        "a robomimic HDF5 file (data/demo_N/obs/<key>, actions; mask/ filter keys)",
+        _args_convert_robomimic,
+        _cmd_convert_robomimic,
+    ),
+}
+
+
+def _args_convert(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="convert_source", metavar="SOURCE", required=True)
+    for name, (help_text, add, _) in _CONVERT_SOURCES.items():
+        add(sub.add_parser(name, help=help_text, description=help_text))
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    return _CONVERT_SOURCES[args.convert_source][2](args)
+
+
 # name -> (help, add-arguments, run). Adding a subcommand is one function and one line here.
 _SUBCOMMANDS: dict[str, Command] = {
     "info": (
@@ -173,6 +221,11 @@ _SUBCOMMANDS: dict[str, Command] = {
     "fetch": ("download and verify a published dataset into datasets/", _args_fetch, _cmd_fetch),
     "generate": ("demos from the scripted expert (offline data)", _args_generate, _cmd_generate),
     "record": ("teleoperate with the mouse and append episodes", _args_record, _cmd_record),
+    "convert": (
+        "convert another dataset format into a replay-buffer store",
+        _args_convert,
+        _cmd_convert,
+    ),
 }
 
 

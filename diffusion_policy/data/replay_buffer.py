@@ -436,12 +436,14 @@ class ReplayBuffer:
                     config={"write_empty_chunks": True},
                     **_codecs(fmt),
                 )
-            arr = self._data[k]
-            arr.resize((n1, *v.shape[1:]))
-            arr[n0:n1] = v
-        # episode_ends last: a crash mid-append leaves data longer than ends, which validate reports.
+            _write_beyond(self._data[k], n0, v)  # chunks only: readers still see n0 frames
+        for k, v in ep.items():
+            self._data[k].resize((n1, *v.shape[1:]))
+        # episode_ends last, its value written before its shape grows: that one metadata write is the
+        # commit point. A crash before it leaves data longer than ends (validate reports it;
+        # serving/recorder.py's recover() truncates it), never an episode_ends entry without a value.
+        _write_beyond(self._ends, self.n_episodes, np.array([n1], dtype=np.int64))
         self._ends.resize((self.n_episodes + 1,))
-        self._ends[-1] = n1
 
     def save(self, path: str | os.PathLike, zarr_format: int = 3) -> Path:
         """Write the whole buffer as a new store (refuses to overwrite); returns the path."""
@@ -475,6 +477,16 @@ class ReplayBuffer:
         )
         e[...] = ends
         return p
+
+
+def _write_beyond(arr: zarr.Array, start: int, values: np.ndarray) -> None:
+    """Write rows start.. of `arr` without saving its new shape: only chunk files change (each one
+    replaced atomically by zarr's LocalStore), so a reader, or a crash, still sees the old length."""
+    shape = (start + len(values), *arr.shape[1:])
+    wider = zarr.Array(
+        zarr.AsyncArray(arr.metadata.update_shape(shape), arr.store_path, arr.config)
+    )
+    wider[start:] = values
 
 
 def _node(path: Path, g: zarr.Group, key: str) -> zarr.Array | zarr.Group:

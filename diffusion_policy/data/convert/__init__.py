@@ -1,0 +1,1 @@
+"""Converters from other datasets' formats (LeRobot, robomimic) into the replay-buffer zarr layout."""
