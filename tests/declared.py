@@ -21,8 +21,10 @@ def train_two_steps(tmp_path: Path, task: dict[str, Any]) -> Path:
     preset = tmp_path / "declared_smoke.yaml"
     preset.write_text(yaml.safe_dump(cfg))
     run = tmp_path / "run"
-    flags = ["train.progress=false", "wandb.mode=disabled", "train.final_eval=false"]
-    args = [*flags, "train.max_steps=2", "train.eval_every=0", "train.batch_size=4", f"run_dir={run}"]  # fmt: skip
+    flags = ["train.progress=false", "wandb.mode=disabled", "train.cadence.final_eval=false"]
+    # short robot episodes: horizon 8 with To 2 and Ta 4 needs episodes of 4 steps or more
+    shape = ["policy.horizon=8", "policy.n_action_steps=4"]
+    args = [*flags, *shape, "train.max_steps=2", "train.cadence.eval_every=0", "train.batch_size=4", f"run_dir={run}"]  # fmt: skip
     assert main(["train", str(preset), *args]) == 0
     assert json.loads((run / "checkpoints" / "latest" / "meta.json").read_text())["step"] == 2
     return run

@@ -204,7 +204,7 @@ def test_recorded_store_trains(tmp_path):
         "env_id": None,
         "control_hz": 10.0,
         "obs": {
-            "front": {"kind": "rgb", "source": ["front"]},
+            "front": {"kind": "rgb", "source": ["front"], "crop": [8, 8]},
             "state": {"kind": "low_dim", "source": ["eef_pos", "gripper[0:1]"]},
         },
         "action": {"source": ["action"]},

@@ -40,6 +40,7 @@ from diffusion_policy.data.task_spec import (
     shape_meta,
     spec_from_config,
 )
+from diffusion_policy.errors import DataError
 
 VAL_EPISODES = ("heldout", "complement")
 
@@ -200,6 +201,15 @@ def make_datasets(
     val_mask = get_val_mask(buffer.n_episodes, val_ratio, split_seed)
     train_mask = downsample_mask(~val_mask, max_train_episodes, split_seed)
     train = ReplayDataset(buffer, spec, horizon, n_obs_steps, n_action_steps, train_mask)
+    if len(train) == 0:
+        lengths = buffer.episode_lengths[train_mask]
+        shortest = max(1, horizon - (n_obs_steps - 1) - (n_action_steps - 1))
+        raise DataError(
+            f"{path}: no training windows: the {len(lengths)} training episodes are "
+            f"{int(lengths.min(initial=0))}..{int(lengths.max(initial=0))} steps long, but horizon "
+            f"{horizon} with n_obs_steps {n_obs_steps} and n_action_steps {n_action_steps} needs "
+            f"episodes of at least {shortest} steps (shorten policy.horizon, or record longer episodes)"
+        )
     heldout = val_mask if val_episodes == "heldout" else ~train_mask
     val = train.view(heldout) if heldout.any() else None
     return train, val
