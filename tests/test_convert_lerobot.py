@@ -227,6 +227,35 @@ def test_mismatched_lengths_are_one_line(lerobot_dir, tmp_path) -> None:
         convert_lerobot(ds, tmp_path / "out.zarr")
 
 
+def test_v21_layout_converts(lerobot_dir, given, tmp_path) -> None:
+    """v2.1: one parquet and one mp4 per episode, meta/episodes.jsonl, videos from t = 0."""
+    ds = tmp_path / "v21"
+    info = json.loads((lerobot_dir / "meta/info.json").read_text())
+    info.update(
+        codebase_version="v2.1",
+        data_path="data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet",
+        video_path="videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4",
+    )
+    (ds / "meta").mkdir(parents=True)
+    (ds / "meta/info.json").write_text(json.dumps(info))
+    table = pq.read_table(lerobot_dir / "data/chunk-000/file-000.parquet")
+    lines, start = [], 0
+    for i, n in enumerate(LENGTHS):
+        (ds / "data/chunk-000").mkdir(parents=True, exist_ok=True)
+        pq.write_table(table.slice(start, n), ds / f"data/chunk-000/episode_{i:06d}.parquet")
+        for cam in ("front", "wrist"):
+            mp4 = ds / f"videos/chunk-000/observation.images.{cam}/episode_{i:06d}.mp4"
+            mp4.parent.mkdir(parents=True, exist_ok=True)
+            write_mp4(mp4, given[cam][start : start + n], pts=list(range(n)))
+        lines.append(json.dumps({"episode_index": i, "tasks": ["pick"], "length": n}))
+        start += n
+    (ds / "meta/episodes.jsonl").write_text("\n".join(lines) + "\n")
+    buf = ReplayBuffer.load(convert_lerobot(ds, tmp_path / "out.zarr").out)
+    assert np.array_equal(buf.episode_ends, given["episode_ends"])
+    np.testing.assert_array_equal(buf["action"], given["action"])
+    assert mae(buf["wrist"], given["wrist"]) < CODEC_MAE
+
+
 def test_convert_refuses_an_existing_store_and_a_non_dataset(tmp_path, lerobot_dir) -> None:
     (tmp_path / "taken.zarr").mkdir()
     with pytest.raises(DataError, match="already exists"):
