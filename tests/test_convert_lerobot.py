@@ -281,6 +281,14 @@ def lerobot_python() -> Path:
         pytest.skip(
             f"LeRobot venv {LEROBOT_VENV} is missing ({why}); run scripts/setup_lerobot_venv.sh"
         )
+    check = "import lerobot.datasets.lerobot_dataset, torchcodec.decoders"
+    res = subprocess.run([str(python), "-c", check], capture_output=True, text=True)
+    if res.returncode != 0:  # e.g. made by scripts/bench_lerobot.py, which installs no torchcodec
+        last = (res.stderr.strip().splitlines() or ["?"])[-1]
+        pytest.skip(
+            f"LeRobot venv {LEROBOT_VENV} cannot load datasets ({last}); "
+            "run scripts/setup_lerobot_venv.sh"
+        )
     return python
 
 
