@@ -185,9 +185,62 @@ def _cmd_convert_robomimic(args: argparse.Namespace) -> int:
     return 0
 
 
+def _args_convert_lerobot(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", type=Path, help="a LeRobotDataset directory (v3.0 or v2.1)")
+    p.add_argument("--out", type=Path, required=True, help="new replay-buffer zarr store to write")
+    p.add_argument(
+        "--tolerance-s",
+        type=float,
+        default=1e-4,
+        help="how far a video frame's time may be from its table row's (default 1e-4 s, LeRobot's)",
+    )
+
+
+def _cmd_convert_lerobot(args: argparse.Namespace) -> int:
+    from diffusion_policy.data.convert.lerobot import convert_lerobot
+
+    r = convert_lerobot(args.path, args.out, tolerance_s=args.tolerance_s)
+    keys = ", ".join(f"{k} <- {f}" for f, k in r.keys.items())
+    print(f"wrote {r.out}: {r.episodes} episodes, {r.frames} frames; keys {keys}")
+    print(f"next: `dp data info {r.out}` prints a task spec to paste into your config")
+    return 0
+
+
+def _args_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("format", choices=["lerobot"], help="the target format")
+    p.add_argument("path", type=Path, help="a replay-buffer zarr store")
+    p.add_argument("--out", type=Path, required=True, help="new LeRobotDataset v3.0 directory")
+    p.add_argument(
+        "--fps", type=int, default=None, help="frame rate (default: the store's, if it records one)"
+    )
+    p.add_argument(
+        "--vcodec",
+        choices=["libsvtav1", "h264"],
+        default="libsvtav1",
+        help="video encoder for uint8 (H, W, 3) keys (default libsvtav1: AV1, LeRobot's default)",
+    )
+    p.add_argument(
+        "--task", default=None, help="task text for every episode (default: the store's)"
+    )
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from diffusion_policy.data.convert.lerobot import export_lerobot
+
+    r = export_lerobot(args.path, args.out, fps=args.fps, vcodec=args.vcodec, task=args.task)
+    feats = ", ".join(f"{k} -> {f}" for k, f in r.features.items())
+    print(f"wrote {r.out} (LeRobotDataset v3.0): {r.episodes} episodes, {r.frames} frames; {feats}")
+    return 0
+
+
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 # `dp data convert SOURCE ...`: one entry per source format, the same (help, add-arguments, run).
 _CONVERT_SOURCES: dict[str, Command] = {
+    "lerobot": (
+        "a LeRobotDataset directory (v3.0 or v2.1): parquet tables and mp4 videos",
+        _args_convert_lerobot,
+        _cmd_convert_lerobot,
+    ),
     "robomimic": (
         "a robomimic HDF5 file (data/demo_N/obs/<key>, actions; mask/ filter keys)",
         _args_convert_robomimic,
@@ -222,10 +275,11 @@ _SUBCOMMANDS: dict[str, Command] = {
     "generate": ("demos from the scripted expert (offline data)", _args_generate, _cmd_generate),
     "record": ("teleoperate with the mouse and append episodes", _args_record, _cmd_record),
     "convert": (
-        "convert another dataset format into a replay-buffer store",
+        "convert another dataset format (LeRobot, robomimic) into a replay-buffer store",
         _args_convert,
         _cmd_convert,
     ),
+    "export": ("write a store as a LeRobotDataset v3.0 to publish", _args_export, _cmd_export),
 }
 
 
