@@ -27,7 +27,7 @@ class TaskConfig:
     """What the policy observes and where its demonstrations are."""
 
     name: str = "pusht"
-    env_id: str = "PushT-v0"
+    env_id: str | None = "PushT-v0"
     obs_type: str = "keypoints"  # state | keypoints | pixels_agent_pos
     dataset: str = (
         "datasets/pusht/pusht_cchi_v7_replay.zarr"  # relative paths resolve from the working dir
