@@ -20,7 +20,9 @@ of an episode executing its frames [i, i + Ta).
 
 from __future__ import annotations
 
+import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +39,7 @@ RANK_KEY = "action_mse_norm"  # the metric best checkpoints are kept by: lower i
 MAX_WINDOWS = 256  # held-out windows sampled per evaluation, evenly spaced over them all
 PLOT_EPISODES = 4  # rows of the trajectory plot
 PLOT_DIMS = 8  # columns of the trajectory plot
+PREDICTED = "predicted: a chunk from the demonstration's observations every Ta steps (grey lines)"
 
 
 @torch.no_grad()
@@ -169,9 +172,9 @@ def _draw(figure: type[Figure], trajectories: list[Trajectory], title: str, hz: 
         for d in range(dims):
             ax = axes[r, d]
             for start in t[:: tr.chunk]:
-                ax.axvline(start, color="0.85", lw=0.6, zorder=0)
+                ax.axvline(start, color="0.8", lw=0.6, zorder=0)
             ax.plot(t, tr.demonstrated[:, d], color="black", lw=1.6, label="demonstrated")
-            ax.plot(t, tr.predicted[:, d], color="tab:orange", lw=1.2, label="predicted")
+            ax.plot(t, tr.predicted[:, d], color="tab:orange", lw=1.2, label=PREDICTED)
             ax.set_title(f"action[{d}]  mse {mse[d]:.3g}", fontsize=9)
             ax.tick_params(labelsize=8)
             ax.grid(alpha=0.25)
@@ -180,6 +183,26 @@ def _draw(figure: type[Figure], trajectories: list[Trajectory], title: str, hz: 
             if r == rows - 1:
                 ax.set_xlabel("time (s)", fontsize=9)
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside upper right", ncols=2, fontsize=9)
-    fig.suptitle(title, fontsize=11)
+    fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=9)
+    fig.suptitle(title, fontsize=10)
     return fig
+
+
+def evaluate_offline(
+    policy, ds, *, batch_size: int, seed: int, device: str, out: Path, title: str, hz: float,
+    info: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """`dp eval` without a simulator: offline_metrics on `ds`, its first PLOT_EPISODES episodes
+    replayed and plotted (out/trajectories.png), all recorded in out/metrics.json."""
+    started = time.time()
+    metrics = offline_metrics(policy, ds, batch_size, seed, device)
+    episodes = held_out_episodes(ds)
+    shown = [replay_episode(policy, ds, e, seed, device) for e in episodes[:PLOT_EPISODES]]
+    plot = plot_trajectories(shown, out / "trajectories.png", title, hz)
+    metrics.update(
+        episodes=episodes,
+        replayed=[{"episode": t.episode, "steps": len(t.predicted), "mse_per_dim": t.mse_per_dim()} for t in shown],
+        plot=plot.name, wall_time_s=round(time.time() - started, 2), **(info or {}),
+    )  # fmt: skip
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
