@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from diffusion_policy.errors import DataError
 from diffusion_policy.training.build import Dist, to_device, training_noise
 
 if TYPE_CHECKING:
@@ -83,6 +84,8 @@ def offline_metrics(
 ) -> dict[str, Any]:
     """The held-out loss and the action MSE of `policy` on `ds` (its windows, at most
     `max_windows` of them, evenly spaced); per-dimension lists under *_per_dim."""
+    if len(ds) == 0:
+        raise DataError("no held-out windows: every held-out episode is shorter than the horizon")
     policy.eval()
     norm = lambda x: policy.normalizer.normalize("action", x)  # noqa: E731
     executed, horizon = _SquaredError(norm), _SquaredError(norm)
@@ -116,7 +119,7 @@ class Trajectory:
     episode: int
     predicted: np.ndarray
     demonstrated: np.ndarray
-    chunk: int  # Ta: a new chunk starts every `chunk` steps
+    starts: list[int]  # the step where each chunk's executed actions begin
 
     def mse_per_dim(self) -> list[float]:
         return ((self.predicted - self.demonstrated) ** 2).mean(0).tolist()
@@ -137,19 +140,25 @@ def only_episodes(ds, episodes: list[int]):
 @torch.no_grad()
 def replay_episode(policy, ds, episode: int, seed: int, device: str) -> Trajectory:
     """Predict a chunk from the demonstration's observations every Ta steps and lay the executed
-    chunks end to end, against the demonstrated actions of the same steps."""
+    chunks end to end, against the demonstrated actions of the same steps. The last chunk, where
+    fewer than Ta steps are left, is planned at the episode's last window and its tail kept."""
     policy.eval()
     view = only_episodes(ds, [episode])
     ends = np.asarray(ds.episode_ends)
-    length = int(ends[episode] - (ends[episode - 1] if episode > 0 else 0))
     ta = policy.executed_slice().stop - policy.executed_slice().start
-    idx = torch.arange(0, len(view), ta)
-    batch = to_device(view.get_batch(idx.to(view.device)), device)
+    n = len(view)  # window i executes the episode's steps [i, i + Ta)
+    end = min(int(ends[episode] - (ends[episode - 1] if episode > 0 else 0)), n - 1 + ta)
+    plans = list(range(0, n, ta))
+    if plans[-1] + ta < end:
+        plans.append(n - 1)
+    batch = to_device(view.get_batch(torch.tensor(plans, device=view.device)), device)
     g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + episode)
-    pred = policy.predict_action_chunk(batch["obs"], generator=g)["action"]
-    demo = batch["action"][:, policy.executed_slice()]
-    flat_ = lambda x: x.reshape(-1, x.shape[-1])[:length].double().cpu().numpy()  # noqa: E731
-    return Trajectory(episode, flat_(pred), flat_(demo), ta)
+    pred = policy.predict_action_chunk(batch["obs"], generator=g)["action"].double().cpu().numpy()
+    demo = batch["action"][:, policy.executed_slice()].double().cpu().numpy()
+    starts = [max(p, q + ta) for p, q in zip(plans, [-ta, *plans])]  # skip steps already laid
+    keep = [slice(s - p, min(p + ta, end) - p) for p, s in zip(plans, starts)]
+    lay = lambda x: np.concatenate([x[k, sl] for k, sl in enumerate(keep)])  # noqa: E731
+    return Trajectory(episode, lay(pred), lay(demo), starts)
 
 
 def plot_trajectories(trajectories: list[Trajectory], out: Path, title: str, hz: float) -> Path:
@@ -171,8 +180,8 @@ def _draw(figure: type[Figure], trajectories: list[Trajectory], title: str, hz: 
         mse = tr.mse_per_dim()
         for d in range(dims):
             ax = axes[r, d]
-            for start in t[:: tr.chunk]:
-                ax.axvline(start, color="0.8", lw=0.6, zorder=0)
+            for start in tr.starts:
+                ax.axvline(start / hz, color="0.8", lw=0.6, zorder=0)
             ax.plot(t, tr.demonstrated[:, d], color="black", lw=1.6, label="demonstrated")
             ax.plot(t, tr.predicted[:, d], color="tab:orange", lw=1.2, label=PREDICTED)
             ax.set_title(f"action[{d}]  mse {mse[d]:.3g}", fontsize=9)
@@ -197,7 +206,8 @@ def evaluate_offline(
     started = time.time()
     metrics = offline_metrics(policy, ds, batch_size, seed, device)
     episodes = held_out_episodes(ds)
-    shown = [replay_episode(policy, ds, e, seed, device) for e in episodes[:PLOT_EPISODES]]
+    replayable = [e for e in episodes if len(only_episodes(ds, [e]))][:PLOT_EPISODES]
+    shown = [replay_episode(policy, ds, e, seed, device) for e in replayable]
     plot = plot_trajectories(shown, out / "trajectories.png", title, hz)
     metrics.update(
         episodes=episodes,
