@@ -187,3 +187,20 @@ def test_offline_flag_scores_a_checkpoint_whose_task_has_an_env(pusht_zarr, tmp_
     assert main(["eval", str(run), "--offline", "--episodes", "1"]) == 0
     m = json.loads((run / "eval" / "step_00000002-offline-1" / "metrics.json").read_text())
     assert m["episodes"] == [18] and np.isfinite(m["action_mse"])
+
+
+@pytest.mark.real_data
+def test_dp_report_draws_the_offline_validation(run, tmp_path):
+    from diffusion_policy.evaluation.report import _summary
+    from diffusion_policy.evaluation.run_log import OFFLINE, read_run
+
+    log = read_run(run)
+    assert log.series[OFFLINE][0].tolist() == [2, 4, 6] and not log.evals
+    assert main(["report", str(run), "--out", str(tmp_path / "r.png")]) == 0
+    assert (tmp_path / "r.png").stat().st_size > 10_000
+    from matplotlib.figure import Figure
+
+    ax = Figure().add_subplot()
+    _summary(ax, log, "s", 1.0)
+    best = min(_offline_evals(run).values(), key=lambda r: r[OFFLINE])
+    assert f"best {OFFLINE}: {best[OFFLINE]:.4g} at step {best['step']}" in ax.texts[0].get_text()
