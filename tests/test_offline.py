@@ -158,6 +158,7 @@ def test_dp_eval_on_another_store_and_fewer_episodes(run, pusht_zarr, tmp_path):
     [
         (["--realtime"], "--realtime applies to rollouts, but this checkpoint's task has no simulator"),
         (["--videos", "2"], "--videos applies to rollouts"),
+        (["--seed-start", "0"], "--seed-start applies to rollouts"),
         (["--episodes", "9"], "--episodes 9: the run held out only 4 episodes"),
     ],
 )  # fmt: skip

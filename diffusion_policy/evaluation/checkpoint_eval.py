@@ -178,7 +178,9 @@ def _offline(path: Path, cfg: Any, opts: EvalOptions) -> tuple[dict[str, Any], P
     from diffusion_policy.evaluation.offline import evaluate_offline
 
     given = [
-        flag for flag, name in _ROLLOUT_ONLY.items() if getattr(opts, name) not in (None, False)
+        flag  # `is`, not `in`: --seed-start 0 is given, though 0 == False
+        for flag, name in _ROLLOUT_ONLY.items()
+        if getattr(opts, name) is not None and getattr(opts, name) is not False
     ]
     if given:
         why = (
