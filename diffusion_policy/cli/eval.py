@@ -1,4 +1,5 @@
-"""`dp eval CHECKPOINT`: rollouts in-process, through a policy server, or paced on the wall clock."""
+"""`dp eval CHECKPOINT`: rollouts in-process, through a policy server, or paced on the wall clock;
+offline against held-out demonstrations where the task has no simulator."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "checkpoint", help="checkpoint directory, or a run directory (uses its latest checkpoint)"
     )
     parser.add_argument(
-        "--episodes", type=int, default=None, help="number of episodes (default 50)"
+        "--episodes",
+        type=int,
+        default=None,
+        help="number of episodes (default 50; offline: the first N held-out episodes, default all)",
     )
     parser.add_argument(
         "--seed-start",
@@ -52,6 +56,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="sampling noise seed (default: the checkpoint's train.seed, as the training loop's "
         "own evaluation, so a checkpoint scores the same both ways)",
+    )
+    o = parser.add_argument_group(
+        "offline evaluation (the default for a task without a simulator, task.env_id null)"
+    )
+    o.add_argument(
+        "--offline",
+        action="store_true",
+        help="score sampled action chunks against held-out demonstrations instead of rolling out; "
+        "writes metrics.json and trajectories.png (predicted vs demonstrated actions)",
+    )
+    o.add_argument(
+        "--dataset",
+        default=None,
+        metavar="STORE",
+        help="offline: evaluate on every episode of this zarr store instead of the run's held-out ones",
     )
     g = parser.add_argument_group(
         "policy server and real-time pacing (see diffusion_policy/serving)"
@@ -105,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, sampler=args.sampler, inference_steps=args.inference_steps,
         timestep_spacing=args.timestep_spacing, backend=args.backend, server=args.server,
         token=args.token, realtime=args.realtime, robots=args.robots, ensemble=args.ensemble,
-        replan_every=args.replan_every,
+        replan_every=args.replan_every, offline=args.offline, dataset=args.dataset,
     )  # fmt: skip
     metrics, out = evaluate_checkpoint(args.checkpoint, opts)
     print("\n".join(summary_lines(metrics, out)))

@@ -7,6 +7,10 @@ A checkpoint inside a run is evaluated into RUN/eval/<checkpoint>-<seed_start>-<
 <checkpoint>-eval-<seed_start>-<episodes>[-mode]/ beside it. The sampling seed defaults to the
 checkpoint's train.seed, as in the training loop's evaluation, so a checkpoint scores the same both
 ways. `EvalOptions` mirrors `dp eval`'s flags, and its errors name them.
+
+A checkpoint whose task has no simulator (task.env_id null), or any checkpoint with --offline or
+--dataset, is evaluated offline instead (evaluation/offline.py): on the run's held-out episodes, or
+on every episode of the --dataset store, into <checkpoint>-offline[-<episodes>][-<store>]/.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ class EvalOptions:
     robots: int | None = None
     ensemble: float | None = None
     replan_every: int | None = None
+    offline: bool = False  # validate on demonstrations even where the task has an env
+    dataset: str | Path | None = None  # offline: every episode of this store, not the held-out ones
 
     def __post_init__(self) -> None:
         for flag, value, low in (
@@ -96,17 +102,20 @@ def check_device(device: str) -> None:
 
 def default_out_dir(checkpoint: Path, seed_start: int, episodes: int, mode: str = "") -> Path:
     """RUN/eval/<name>-<seed_start>-<episodes>[-mode] for a checkpoint of a run, else beside it."""
-    tail = f"{seed_start}-{episodes}" + (f"-{mode}" if mode else "")
+    return _beside(checkpoint, f"{seed_start}-{episodes}" + (f"-{mode}" if mode else ""))
+
+
+def _beside(checkpoint: Path, tail: str) -> Path:
     run = checkpoint.parent.parent
     if checkpoint.parent.name == "checkpoints" and (run / "config.yaml").is_file():
         return run / "eval" / f"{checkpoint.name}-{tail}"
     return checkpoint.parent / f"{checkpoint.name}-eval-{tail}"
 
 
-def check_writable(out: Path) -> None:
+def check_writable(out: Path, videos: bool = True) -> None:
     """Fail now, in one line, rather than after the rollouts: create `out` and write a probe file."""
     try:
-        (out / "videos").mkdir(parents=True, exist_ok=True)
+        (out / "videos" if videos else out).mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=out, prefix=".write-test-")
         os.close(fd)
         os.unlink(probe)
@@ -128,6 +137,8 @@ def evaluate_checkpoint(checkpoint: str | Path, opts: EvalOptions) -> tuple[dict
     if not opts.server:
         check_device(opts.device)
     path, cfg, _ = read_checkpoint_meta(checkpoint)
+    if opts.offline or opts.dataset or not cfg.task.env_id:
+        return _offline(path, cfg, opts)
     ecfg = _eval_config(cfg.eval, opts)
     mode = opts.mode
     out = (
@@ -151,6 +162,86 @@ def evaluate_checkpoint(checkpoint: str | Path, opts: EvalOptions) -> tuple[dict
 
         metrics = evaluate(Actor(policy, seed=seed), cfg.task, ecfg, out_dir=out, info=info)
     return metrics, out
+
+
+# flags that only rollouts use, with the EvalOptions field each sets
+_ROLLOUT_ONLY = {
+    "--seed-start": "seed_start", "--max-steps": "max_steps", "--n-envs": "n_envs",
+    "--videos": "videos", "--sync": "sync", "--server": "server", "--realtime": "realtime",
+    "--robots": "robots", "--ensemble": "ensemble", "--replan-every": "replan_every",
+}  # fmt: skip
+
+
+def _offline(path: Path, cfg: Any, opts: EvalOptions) -> tuple[dict[str, Any], Path]:
+    """The held-out episodes (or --dataset's), scored and plotted as the training loop scores them."""
+    from diffusion_policy.checkpoint import load_policy
+    from diffusion_policy.evaluation.offline import evaluate_offline
+
+    given = [
+        flag  # `is`, not `in`: --seed-start 0 is given, though 0 == False
+        for flag, name in _ROLLOUT_ONLY.items()
+        if getattr(opts, name) is not None and getattr(opts, name) is not False
+    ]
+    if given:
+        why = (
+            "has no simulator (task.env_id is null)"
+            if not cfg.task.env_id
+            else "is evaluated offline"
+        )
+        raise UserError(
+            f"{given[0]} applies to rollouts, but this checkpoint's task {why}; offline evaluation "
+            "takes --episodes, --dataset, --seed, --device, --out and the sampler flags"
+        )  # fmt: skip
+    tail = "offline" + (f"-{opts.episodes}" if opts.episodes else "")
+    tail += f"-{Path(opts.dataset).stem}" if opts.dataset else ""
+    policy, cfg, _ = load_policy(path, device=opts.device)
+    _apply_sampler(policy, opts)
+    ds = _offline_episodes(cfg, policy, opts)
+    out = Path(opts.out) if opts.out else _beside(path, tail)
+    check_writable(out, videos=False)
+    seed = cfg.train.seed if opts.seed is None else opts.seed
+    info = {"checkpoint": str(path), "sampling_seed": seed, "mode": "offline",
+            "dataset": str(opts.dataset or cfg.task.dataset)}  # fmt: skip
+    metrics = evaluate_offline(
+        policy, ds, batch_size=cfg.train.batch_size, seed=seed, device=opts.device, out=out,
+        title=f"{path.parent.parent.name}/{path.parent.name}/{path.name}: predicted vs demonstrated actions",
+        hz=cfg.task.control_hz, info=info,
+    )  # fmt: skip
+    return metrics, out
+
+
+def _offline_episodes(cfg: Any, policy: Any, opts: EvalOptions) -> Any:
+    """The run's held-out episodes (the first --episodes of them), or all of --dataset's."""
+    from diffusion_policy.evaluation.offline import held_out_episodes, only_episodes
+    from diffusion_policy.training.build import load_datasets
+
+    if opts.dataset:
+        data = replace(cfg.data, val_ratio=0.0, max_train_episodes=None)
+        cfg = replace(cfg, task=replace(cfg.task, dataset=str(opts.dataset)), data=data)
+        ds, _, _ = load_datasets(cfg, opts.device)
+        _check_same_shapes(ds.shape_meta, policy.shape_meta, opts.dataset)
+    else:
+        _, ds, _ = load_datasets(cfg, opts.device)
+        if ds is None:
+            raise UserError(
+                f"the run held out no episodes (data.val_ratio={cfg.data.val_ratio}): give --dataset "
+                "STORE to evaluate on other demonstrations, or train with data.val_ratio > 0"
+            )
+    episodes = held_out_episodes(ds)
+    if opts.episodes is not None and opts.episodes > len(episodes):
+        where = f"{opts.dataset} holds" if opts.dataset else "the run held out"
+        raise UserError(f"--episodes {opts.episodes}: {where} only {len(episodes)} episodes")
+    return only_episodes(ds, episodes[: opts.episodes]) if opts.episodes else ds
+
+
+def _check_same_shapes(got: Any, want: Any, store: str | Path) -> None:
+    for key, spec in want.obs.items():
+        have = got.obs.get(key)
+        if have is None or tuple(have.shape) != tuple(spec.shape):
+            shape = "is absent" if have is None else f"has shape {tuple(have.shape)}"
+            raise UserError(f"--dataset {store}: observation {key!r} {shape}; the checkpoint expects {tuple(spec.shape)}")  # fmt: skip
+    if got.action_dim != want.action_dim:
+        raise UserError(f"--dataset {store}: actions have {got.action_dim} dimensions; the checkpoint's have {want.action_dim}")  # fmt: skip
 
 
 # EvalOptions field -> EvalConfig field it overrides
@@ -224,6 +315,8 @@ def _realtime(policy, cfg, ecfg, out, opts, seed, info, checkpoint) -> dict[str,
 
 def summary_lines(metrics: dict[str, Any], out: Path) -> list[str]:
     """What `dp eval` prints: the scores with their intervals, realtime timing, and where they are."""
+    if metrics.get("mode") == "offline":
+        return _offline_lines(metrics, out)
     lo, hi = metrics["mean_score_ci95"]
     lines = [
         f"mean_score {metrics['mean_score']:.3f} [{lo:.3f}, {hi:.3f}]  "
@@ -239,3 +332,13 @@ def summary_lines(metrics: dict[str, Any], out: Path) -> list[str]:
         )
     lines.append(f"wrote {out / 'metrics.json'}")
     return lines
+
+
+def _offline_lines(m: dict[str, Any], out: Path) -> list[str]:
+    dims = lambda xs: "[" + ", ".join(f"{x:.4g}" for x in xs) + "]"  # noqa: E731
+    return [
+        f"offline: {len(m['episodes'])} episodes of {m['dataset']}, {m['windows']} windows, sampling seed {m['sampling_seed']}",
+        f"loss {m['loss']:.4f}  action_mse {m['action_mse']:.4g} per dim {dims(m['action_mse_per_dim'])}  normalised {m['action_mse_norm']:.4g}",
+        f"horizon_mse {m['horizon_mse']:.4g} per dim {dims(m['horizon_mse_per_dim'])}  normalised {m['horizon_mse_norm']:.4g}",
+        f"wrote {out / 'metrics.json'} and {out / m['plot']}",
+    ]  # fmt: skip

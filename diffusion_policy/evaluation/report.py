@@ -18,6 +18,7 @@ import numpy as np
 
 from diffusion_policy.evaluation.checkpoint_eval import os_reason
 from diffusion_policy.evaluation.run_log import (
+    OFFLINE,
     EvalPoint,
     ReportError,
     RunLog,
@@ -120,6 +121,8 @@ def _lr(ax: Axes, log: RunLog) -> None:
 
 
 def _scores(ax: Axes, log: RunLog, *, by_time: bool, scale: float, unit: str) -> None:
+    if not log.evals and log.series.get(OFFLINE):
+        return _offline(ax, log, by_time=by_time, scale=scale, unit=unit)
     ax.set_title("evaluation against wall time" if by_time else "evaluation against step")
     ax.set_xlabel(f"training wall time ({unit})" if by_time else "step")
     ax.set_ylim(-0.03, 1.03)
@@ -142,6 +145,20 @@ def _scores(ax: Axes, log: RunLog, *, by_time: bool, scale: float, unit: str) ->
     _integer_steps(ax, by_time)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
+
+
+def _offline(ax: Axes, log: RunLog, *, by_time: bool, scale: float, unit: str) -> None:
+    """A task without a simulator: the held-out action MSE (normalised units), lower is better."""
+    s = log.series[OFFLINE]
+    ax.set_title(f"offline validation against {'wall time' if by_time else 'step'}")
+    ax.set_xlabel(f"training wall time ({unit})" if by_time else "step")
+    ax.plot(s[1] / scale if by_time else s[0], s[2], color=SCORE, marker="o", ms=4, lw=1.5, label=OFFLINE)  # fmt: skip
+    if (s[2] > 0).all() and s[2].max() > 10 * s[2].min():
+        ax.set_yscale("log")
+    ax.set_ylabel("held-out action MSE (normalised; lower is better)", fontsize=8)
+    _integer_steps(ax, by_time)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="upper right", fontsize=8)
 
 
 def _integer_steps(ax: Axes, by_time: bool) -> None:
@@ -176,6 +193,12 @@ def _summary(ax: Axes, log: RunLog, unit: str, scale: float) -> None:
         lines.append(f"best mean_score: {best.mean_score:.3f}{interval} at step {best.step}")
         last = log.evals[-1]
         lines.append(f"last mean_score: {last.mean_score:.3f} at step {last.step}")
+    elif log.series.get(OFFLINE):
+        steps, _, mse = log.series[OFFLINE]
+        i = int(np.argmin(mse))
+        lines.append(f"offline evaluations: {len(mse)}")
+        lines.append(f"best {OFFLINE}: {mse[i]:.4g} at step {int(steps[i])}")
+        lines.append(f"last {OFFLINE}: {mse[-1]:.4g} at step {int(steps[-1])}")
     else:
         lines.append("no evaluation yet")
     if log.failed_evals:

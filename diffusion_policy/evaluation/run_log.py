@@ -112,6 +112,9 @@ def _session(starts: list[float], t: float) -> int:
     return max(0, int(np.searchsorted(starts, t + 1.0, side="right")) - 1)
 
 
+OFFLINE = "offline/action_mse_norm"  # what a task without a simulator is evaluated by
+
+
 def read_run(run: str | Path) -> RunLog:
     """Collect the series and evaluations of a run directory (refusing anything that is not one)."""
     run = Path(run)
@@ -119,7 +122,7 @@ def read_run(run: str | Path) -> RunLog:
     rows, skipped = _read_jsonl(run / "metrics.jsonl")
     clock = _training_clock(rows)
     series = {}
-    for key in ("train/loss", "val/loss", "train/lr"):
+    for key in ("train/loss", "val/loss", "train/lr", OFFLINE):
         pts = [
             (r["step"], clock(r["time"]) if "time" in r else math.nan, r[key])
             for r in rows

@@ -1,10 +1,13 @@
 """The run's checkpoints/: step checkpoints (latest -> the newest, the two newest kept), the best k
-by evaluation score, and restoring a run from its latest. Only rank 0 writes."""
+by an evaluation metric (rollouts: the highest mean_score; offline validation: the lowest action
+MSE), and restoring a run from its latest. Only rank 0 writes."""
 
 from __future__ import annotations
 
 import json
+import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +28,32 @@ from diffusion_policy.training.run_dir import clean_partial_writes, prepare_fres
 STEP_DIR = re.compile(r"step_(\d+)")
 
 
+@dataclass(frozen=True)
+class BestBy:
+    """Which logged metric ranks checkpoints, which way, and its name in the kept copy's name."""
+
+    key: str
+    higher_is_better: bool
+    label: str
+    digits: str
+
+    def tag(self, step: int, value: float) -> str:
+        return f"best_step{step:08d}_{self.label}{value:{self.digits}}"
+
+
+ROLLOUT_SCORE = BestBy("eval/mean_score", True, "score", ".3f")
+OFFLINE_MSE = BestBy("offline/action_mse_norm", False, "mse", ".4g")
+
+
 class Checkpointer:
     """Saves, prunes, keeps the best of and restores one run's checkpoints."""
 
-    def __init__(self, run_dir: Path, run: Run, keep_best: int, main: bool):
+    def __init__(
+        self, run_dir: Path, run: Run, keep_best: int, main: bool, by: BestBy = ROLLOUT_SCORE
+    ):
         self.run_dir, self.dir = Path(run_dir), Path(run_dir) / "checkpoints"
-        self.run, self.keep_best_k, self.main = run, keep_best, main
-        self.best: list[list] = []  # [score, step, tag], best first
+        self.run, self.keep_best_k, self.main, self.by = run, keep_best, main, by
+        self.best: list[list] = []  # [value, step, tag], best first
 
     def start(self, overwrite: bool = False) -> int:
         """A fresh run: its directory and config.yaml (an old run's files go when `overwrite`);
@@ -80,13 +102,15 @@ class Checkpointer:
                 remove_checkpoint(old)
 
     def keep_best(self, step: int, metrics: dict[str, Any]) -> None:
-        """Keep a deployable copy of the best `keep_best` checkpoints by eval mean_score."""
-        if self.keep_best_k <= 0 or not self.main:
+        """Keep a deployable copy of the best `keep_best` checkpoints by `self.by` (ties: the
+        earlier step). A value that is not finite (diverged weights) is never kept."""
+        value = metrics[self.by.key]
+        if self.keep_best_k <= 0 or not self.main or not math.isfinite(value):
             return
-        score = metrics["eval/mean_score"]
-        tag = f"best_step{step:08d}_score{score:.3f}"
-        self.best.append([score, step, tag])
-        self.best.sort(key=lambda x: (-x[0], x[1]))
+        tag = self.by.tag(step, value)
+        self.best.append([value, step, tag])
+        sign = -1 if self.by.higher_is_better else 1
+        self.best.sort(key=lambda x: (sign * x[0], x[1]))
         for _, _, old in self.best[self.keep_best_k :]:
             remove_checkpoint(self.dir / old)
         self.best = self.best[: self.keep_best_k]

@@ -11,7 +11,6 @@ larger batch.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import time
@@ -19,12 +18,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from diffusion_policy.config import Config, TrainConfig, to_dict
-from diffusion_policy.errors import UserError
+from diffusion_policy.errors import ConfigError, UserError
 from diffusion_policy.evaluation.rollout import EvalError
 from diffusion_policy.training.build import (
     Dist,
@@ -37,9 +35,13 @@ from diffusion_policy.training.build import (
     seed_everything,
     step_generator,
     to_device,
-    training_noise,
 )
-from diffusion_policy.training.checkpointer import Checkpointer
+from diffusion_policy.training.checkpointer import (
+    OFFLINE_MSE,
+    ROLLOUT_SCORE,
+    BestBy,
+    Checkpointer,
+)
 from diffusion_policy.training.run_dir import check_fresh, default_run_dir, resume_run_dir
 
 # the loop's pieces, importable from here as before the split into build/step/checkpointer
@@ -62,14 +64,15 @@ def train(
     run_dir = resume_run_dir(resume) if resume else check_fresh(default_run_dir(cfg), overwrite)
     seed_everything(t.seed + d.rank)
     run = build(cfg, d, device)
-    ckpt = Checkpointer(run_dir, run, c.keep_best, d.main)
+    check_offline(run)
+    ckpt = Checkpointer(run_dir, run, c.keep_best, d.main, best_by(cfg))
     step = ckpt.restore() if resume else ckpt.start(overwrite)
     if d.main:
         print(run.describe(run_dir))
     log = MetricsLog(run_dir, cfg, d.main, run.total_steps, step)
     with StopRequest(t, d, device) as stop, log:
         if c.eval_first and step == 0 and d.main:
-            log.log(step, rollout_metrics(run, run_dir, step))
+            log.log(step, evaluation_metrics(run, run_dir, step))
         while step < run.total_steps:
             loss = run.learner.step(run.batch(step))
             step += 1
@@ -214,6 +217,41 @@ def _init_wandb(run_dir: Path, cfg: Config) -> Any:
         return None
 
 
+def best_by(cfg: Config) -> BestBy:
+    """Rollouts rank checkpoints by mean_score; a task without a simulator by the held-out MSE."""
+    return ROLLOUT_SCORE if cfg.task.env_id else OFFLINE_MSE
+
+
+def check_offline(run: Run) -> None:
+    """A task without a simulator is evaluated on held-out episodes: there must be some."""
+    c = run.cfg.train.cadence
+    if run.cfg.task.env_id or not (c.eval_every or c.final_eval or c.eval_first):
+        return
+    if run.val_ds is None:
+        raise ConfigError(
+            f"task.env_id is null, so the run is evaluated on held-out episodes, but data.val_ratio="
+            f"{run.cfg.data.val_ratio} holds out none: set data.val_ratio (e.g. 0.05), or set "
+            "train.cadence.eval_every=0 and train.cadence.final_eval=false to train without evaluating"
+        )
+
+
+def evaluation_metrics(run: Run, run_dir: Path, step: int) -> dict[str, Any]:
+    """Rollouts where the task has an env; else the offline validation on held-out episodes."""
+    if run.cfg.task.env_id:
+        return rollout_metrics(run, run_dir, step)
+    return offline_eval_metrics(run)
+
+
+def offline_eval_metrics(run: Run) -> dict[str, Any]:
+    """evaluation/offline.py's metrics of the deployed weights on the held-out episodes, seeded
+    with train.seed and batched by train.batch_size, as `dp eval` scores the checkpoint."""
+    from diffusion_policy.evaluation.offline import flat, offline_metrics
+
+    t = run.cfg.train
+    m = offline_metrics(run.learner.deployed, run.val_ds, t.batch_size, t.seed, run.device)
+    return flat(m)
+
+
 def rollout_metrics(run: Run, run_dir: Path, step: int) -> dict[str, Any]:
     """Roll the deployed weights out on cfg.eval. Sampling is seeded with train.seed, the seed
     `dp eval` uses by default for a checkpoint, so both score a checkpoint the same."""
@@ -241,31 +279,30 @@ def evaluate_and_keep_best(
     """Evaluate, log, and keep the weights if among the best. A failed evaluation is reported and
     training goes on: the step's checkpoint can be evaluated later."""
     try:
-        m = rollout_metrics(run, run_dir, step)
+        m = evaluation_metrics(run, run_dir, step)
     except EvalError as e:
         print(f"step {step}: evaluation failed: {e}")
         log.log(step, {"eval/error": str(e)})
         return
     log.log(step, m)
-    log.say(f"step {step}: eval mean_score {m['eval/mean_score']:.3f} success {m['eval/success_rate']:.2f}")  # fmt: skip
+    if "eval/mean_score" in m:
+        log.say(f"step {step}: eval mean_score {m['eval/mean_score']:.3f} success {m['eval/success_rate']:.2f}")  # fmt: skip
+    else:
+        log.say(f"step {step}: offline action_mse {m['offline/action_mse']:.4g} (normalised {m['offline/action_mse_norm']:.4g}) loss {m['offline/loss']:.4f}")  # fmt: skip
     ckpt.keep_best(step, m)
 
 
 @torch.no_grad()
 def validate(run: Run, max_batches: int = 8) -> dict[str, float]:
     """Loss on held-out episodes with fixed noise, and the MSE of sampled executed actions on a train batch."""
+    from diffusion_policy.evaluation.offline import heldout_loss
+
     policy, val_ds, train_ds = run.learner.deployed, run.val_ds, run.train_ds
     policy.eval()
     out: dict[str, float] = {}
     bs, seed, device = run.cfg.train.batch_size, run.cfg.train.seed, run.device
     if val_ds is not None:
-        losses = []
-        for i in range(min(max_batches, math.ceil(len(val_ds) / bs))):
-            idx = torch.arange(i * bs, min((i + 1) * bs, len(val_ds)), device=run.data_device)
-            batch = to_device(val_ds.get_batch(idx), device)
-            batch.update(training_noise(policy, len(idx), 10**9 + i, seed, Dist(), device))
-            losses.append(float(policy.compute_loss(batch)))
-        out["val/loss"] = float(np.mean(losses))
+        out["val/loss"] = heldout_loss(policy, val_ds, bs, seed, device, max_batches)
     n = min(64, len(train_ds))
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(train_ds), generator=g)[:n].to(run.data_device)
