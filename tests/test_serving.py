@@ -73,7 +73,7 @@ def start_server(ckpt: Path, sampler: str | None = None, **overrides) -> PolicyS
     if sampler:
         policy.set_sampler(sampler)
     config = ServeConfig(**{"port": 0, **overrides})
-    return PolicyServer(policy, cfg, config, meta).start_in_thread()
+    return PolicyServer(policy, cfg, config, meta, checkpoint_dir=ckpt).start_in_thread()
 
 
 @pytest.fixture(scope="module")
