@@ -72,6 +72,9 @@ from diffusion_policy.serving.protocol import (
 
 log = logging.getLogger("dp.serve")
 INLINE_PARSE_BYTES = 64 * 1024  # at most MAX_REQUEST_OBJECTS objects in 64 KiB: microseconds
+# An observation further than this many training ranges outside its range is in other units or
+# broken (a keypoint 50,000 px off a 500 px workspace); the policy's answer to it means nothing.
+MAX_OBS_EXCESS = 100.0
 
 
 class RequestError(ValueError):
@@ -118,9 +121,16 @@ def _valid_request_id(rid: Any) -> str | int | None:
 
 
 def parse_request(
-    msg: Any, obs_meta: dict[str, dict[str, Any]], max_batch: int
+    msg: Any,
+    obs_meta: dict[str, dict[str, Any]],
+    max_batch: int,
+    obs_ranges: dict[str, tuple[float, float]] | None = None,
 ) -> InferenceRequest:
-    """Check a decoded request against the metadata's obs specs; raise RequestError naming the problem."""
+    """Check a decoded request against the metadata's obs specs; raise RequestError naming the problem.
+
+    `obs_ranges` (training min, max per low-dim key): values more than MAX_OBS_EXCESS spans outside
+    are refused as absurd (other units, a corrupt sensor), before they reach the policy.
+    """
     if not isinstance(msg, dict):
         raise RequestError(
             f"a request must be a map of observation arrays, got {type(msg).__name__}"
@@ -154,7 +164,20 @@ def parse_request(
         raise RequestError(
             f"a batched request must hold 1..{max_batch} rows (--max-batch), got {rows}"
         )
+    for key, (lo, hi) in (obs_ranges or {}).items():
+        excess = range_excess(obs[key], lo, hi)
+        if excess > MAX_OBS_EXCESS:
+            raise RequestError(
+                f"obs[{key!r}] spans [{float(obs[key].min()):.4g}, {float(obs[key].max()):.4g}], "
+                f"{excess:.3g} times its training range [{lo:.4g}, {hi:.4g}] outside it: "
+                "check its units and scaling"
+            )
     return InferenceRequest(obs, rows=rows, batched=batched, seed=seed, request_id=request_id)
+
+
+def range_excess(x: np.ndarray, lo: float, hi: float) -> float:
+    """How far x reaches outside [lo, hi], in multiples of hi - lo (0 inside)."""
+    return max(lo - float(x.min()), float(x.max()) - hi, 0.0) / max(hi - lo, 1e-6)
 
 
 def _parse_obs(
@@ -202,7 +225,10 @@ def _check_values(key: str, x: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
 
 
 def decode_request(
-    message: str | bytes, obs_meta: dict[str, dict[str, Any]], max_batch: int
+    message: str | bytes,
+    obs_meta: dict[str, dict[str, Any]],
+    max_batch: int,
+    obs_ranges: dict[str, tuple[float, float]] | None = None,
 ) -> InferenceRequest:
     """One frame -> a validated request; ProtocolError or RequestError (with the request's id when
     it has a valid one) naming the problem. Bounded work for any frame: runs on any thread."""
@@ -210,7 +236,7 @@ def decode_request(
         raise ProtocolError("text frames are not requests: send a binary msgpack frame")
     msg = unpackb(message, max_objects=MAX_REQUEST_OBJECTS)
     try:
-        return parse_request(msg, obs_meta, max_batch)
+        return parse_request(msg, obs_meta, max_batch, obs_ranges)
     except RequestError as e:
         e.request_id = _valid_request_id(msg.get("request_id")) if isinstance(msg, dict) else None
         raise
@@ -335,9 +361,7 @@ class InferenceEngine:
         """Why a chunk came out NaN/Inf: the obs key farthest outside its training range, if any."""
         worst, excess = None, 0.0
         for key, (lo, hi) in self.obs_ranges.items():
-            x = req.obs[key]
-            span = max(hi - lo, 1e-6)
-            e = max(lo - float(x.min()), float(x.max()) - hi, 0.0) / span
+            e = range_excess(req.obs[key], lo, hi)
             if e > excess:
                 worst, excess = key, e
         head = "the policy's actions for this observation are not finite (NaN or Inf); "
@@ -610,15 +634,13 @@ class PolicyServer:
         assert self._batcher is not None and self._loop is not None
         received = time.perf_counter()
         self.stats["requests"] += 1
-        meta_obs, max_batch = self.metadata["obs"], self.config.max_batch
+        args = (message, self.metadata["obs"], self.config.max_batch, self.engine.obs_ranges)
         request: InferenceRequest | None = None
         try:
             if len(message) <= INLINE_PARSE_BYTES:
-                request = decode_request(message, meta_obs, max_batch)
+                request = decode_request(*args)
             else:  # a large frame is decoded beside the loop, which keeps answering others
-                request = await self._loop.run_in_executor(
-                    self._parse_pool, decode_request, message, meta_obs, max_batch
-                )
+                request = await self._loop.run_in_executor(self._parse_pool, decode_request, *args)
             request.received = received
             result = await self._batcher.submit(request, conn, alive)
         except (ProtocolError, RequestError, RuntimeError, ConnectionAbortedError) as e:
@@ -662,9 +684,8 @@ class PolicyServer:
             "batches run as several smaller passes",
             rest,
         )
-        self._warmup = threading.Thread(
-            target=self._build_rest, args=(rest, t0), name="dp-warmup", daemon=True
-        )
+        # not a daemon: killing a thread inside a trace aborts the process; a stop waits for it
+        self._warmup = threading.Thread(target=self._build_rest, args=(rest, t0), name="dp-warmup")
         self._warmup.start()
 
     def _build_rest(self, sizes: list[int], t0: float) -> None:
@@ -720,6 +741,9 @@ class PolicyServer:
             await self._shutdown(server)
         finally:
             batcher_task.cancel()
+            if self._warmup is not None and self._warmup.is_alive():
+                log.info("stopping: waiting for the batch size being built")
+                await asyncio.to_thread(self._warmup.join)
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._parse_pool.shutdown(wait=False, cancel_futures=True)
 
