@@ -498,6 +498,7 @@ class MicroBatcher:
         finally:
             self.running = 0
         for p, res in zip(batch, results):
+            self._busy.discard(p.conn)  # its reply is on the way: it may send again soon
             if p.future.done():
                 continue
             if isinstance(res, BaseException):
