@@ -35,22 +35,40 @@ def percentiles(ms: list[float]) -> tuple[float, float]:
     return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
 
 
-def in_process_latency(ckpt: str, sampler: str, steps: int, threads: int, n: int) -> list[float]:
-    """B=1 `predict_action_chunk` wall time in ms, same sampler and thread count as the server."""
-    import torch
-
+def bench_policy(ckpt: str, sampler: str, steps: int, backend: str):
+    """The policy as `dp serve` runs it: same sampler, steps and inference backend."""
     from diffusion_policy.checkpoint import load_policy
 
-    torch.set_num_threads(threads)
     policy, _, _ = load_policy(ckpt)
     policy.set_sampler(sampler, steps)
+    policy.set_inference_backend(backend)
+    return policy
+
+
+def in_process_latency(
+    ckpt: str, sampler: str, steps: int, threads: int, n: int, backend: str = "auto"
+) -> list[float]:
+    """B=1 `predict_action_chunk` wall time in ms, with the server's sampler, backend and threads,
+    and its noise path (explicit noise when the chunk is deterministic given it)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    policy = bench_policy(ckpt, sampler, steps, backend)
+    policy.prepare_inference(1)  # what the server's warm-up does
     obs = make_obs(policy.shape_meta, policy.config.n_obs_steps, np.random.default_rng(0))
     batch = {k: v[None] for k, v in obs.items()}
+    noise = policy.deterministic_given_noise() and policy.noise_shape(1) is not None
     out = []
     for i in range(n + 5):
         t = time.perf_counter()
+        gen = torch.Generator().manual_seed(i)
         with torch.no_grad():
-            policy.predict_action_chunk(batch, generator=torch.Generator().manual_seed(i))
+            if noise:
+                policy.predict_action_chunk(
+                    batch, noise=torch.randn(policy.noise_shape(1), generator=gen)
+                )
+            else:
+                policy.predict_action_chunk(batch, generator=gen)
         if i >= 5:  # warm-up calls excluded
             out.append((time.perf_counter() - t) * 1e3)
     return out
@@ -123,16 +141,23 @@ def make_obs(spec, n_obs_steps: int, rng: np.random.Generator) -> dict[str, np.n
     return out
 
 
-def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    dp = Path(sys.executable).parent / "dp"
-    cmd = [
-        str(dp), "serve", args.checkpoint, "--port", "0", "--threads", str(args.threads),
-        "--sampler", args.sampler, "--inference-steps", str(args.inference_steps),
+def server_command(args: argparse.Namespace) -> list[str]:
+    """`dp serve` with the same sampler, steps, backend and threads as the in-process baseline."""
+    return [
+        sys.executable, "-m", "diffusion_policy.cli", "serve", args.checkpoint, "--port", "0",
+        "--threads", str(args.threads), "--sampler", args.sampler,
+        "--inference-steps", str(args.inference_steps), "--backend", args.backend,
         "--max-batch", str(args.max_batch), "--batch-wait-ms", str(args.batch_wait_ms),
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+
+
+def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    """Start `dp serve` and wait until it listens and (per its log) every batch size is built."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(server_command(args), stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 180
     lines: list[str] = []
+    url = None
     while time.monotonic() < deadline:
         line = proc.stderr.readline()
         if not line:
@@ -140,11 +165,16 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
         lines.append(line)
         if "serving on " in line:
             url = line.split("serving on ")[1].split()[0]
-            # Keep draining the server's log so it never blocks on a full pipe.
-            threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
-            return proc, url
-    proc.kill()
-    raise SystemExit("dp serve did not start:\n" + "".join(lines))
+            if "building batch sizes" not in "".join(lines):
+                break
+        if url and "batch sizes ready" in line:
+            break
+    if url is None:
+        proc.kill()
+        raise SystemExit("dp serve did not start:\n" + "".join(lines))
+    # Keep draining the server's log so it never blocks on a full pipe.
+    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
+    return proc, url
 
 
 def run_clients(url: str, n_clients: int, body, *args) -> list[dict]:
@@ -239,6 +269,9 @@ def main() -> int:
     p.add_argument("checkpoint")
     p.add_argument("--sampler", default="ddim")
     p.add_argument("--inference-steps", type=int, default=10)
+    p.add_argument(
+        "--backend", default="auto", help="inference backend, server and in-process alike"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads, server and in-process")
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--batch-wait-ms", type=float, default=2.0)
@@ -258,7 +291,12 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     base = in_process_latency(
-        args.checkpoint, args.sampler, args.inference_steps, args.threads, n=min(args.requests, 200)
+        args.checkpoint,
+        args.sampler,
+        args.inference_steps,
+        args.threads,
+        n=min(args.requests, 200),
+        backend=args.backend,
     )
     base50, base99 = percentiles(base)
     echo50, echo99 = percentiles(echo_floor(200))
@@ -314,7 +352,7 @@ def main() -> int:
 
     print(f"\nhost: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}; torch threads {args.threads}; "
-          f"{args.sampler.upper()}-{args.inference_steps}; batch wait {args.batch_wait_ms} ms")  # fmt: skip
+          f"{args.sampler.upper()}-{args.inference_steps}, {args.backend} backend; batch wait {args.batch_wait_ms} ms")  # fmt: skip
     print(f"in-process B=1: p50 {base50:.2f} ms, p99 {base99:.2f} ms ({len(base)} calls)")
     print(f"bare websocket echo round trip (the floor): p50 {echo50:.2f} ms, p99 {echo99:.2f} ms\n")
     print("| clients | requests | in order, none lost | latency p50 / p99 (ms) | server forward p50 (ms) "

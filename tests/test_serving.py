@@ -73,7 +73,7 @@ def start_server(ckpt: Path, sampler: str | None = None, **overrides) -> PolicyS
     if sampler:
         policy.set_sampler(sampler)
     config = ServeConfig(**{"port": 0, **overrides})
-    return PolicyServer(policy, cfg, config, meta).start_in_thread()
+    return PolicyServer(policy, cfg, config, meta, checkpoint_dir=ckpt).start_in_thread()
 
 
 @pytest.fixture(scope="module")
@@ -672,3 +672,58 @@ def test_unmodified_openpi_client_round_trip_equals_in_process(ckpt, ref_policy,
         assert r.returncode != 0 and "401" in r.stderr
     finally:
         srv.close()
+
+
+def test_non_finite_actions_are_never_sent(ckpt) -> None:
+    """A broken checkpoint (a NaN weight) answers a plausible observation with an error line."""
+    policy, cfg, meta = load_policy(ckpt)
+    with torch.no_grad():
+        next(policy.model.parameters()).fill_(float("nan"))
+    srv = PolicyServer(policy, cfg, ServeConfig(port=0, warmup=False), meta).start_in_thread()
+    try:
+        with PolicyClient(srv.url) as client:
+            with pytest.raises(ServerError, match="not finite.*within the training range"):
+                client.infer(make_obs(0), seed=0)
+    finally:
+        srv.close()
+
+
+def test_policy_contract_states_what_the_server_needs(ckpt) -> None:
+    from diffusion_policy.policies.ibc import IBCConfig, IBCPolicy
+
+    policy = load_policy(ckpt)[0]
+    assert policy.noise_shape(3) == (3, 16, 2) and policy.deterministic_given_noise()
+    assert "cpu" in policy.inference_backends() and not policy.builds_per_batch_size()
+    policy.set_inference_backend("cpu")
+    assert policy.builds_per_batch_size() and policy.prepare_concurrently()
+    policy.set_sampler("ddpm")
+    assert not policy.deterministic_given_noise() and not policy.builds_per_batch_size()
+    assert policy.sampler_settings()["sampler"] == "ddpm"
+    ibc = IBCPolicy(IBCConfig.tiny(), policy.shape_meta)
+    assert ibc.noise_shape(1) is None and not ibc.deterministic_given_noise()
+    with pytest.raises(ValueError, match="takes no initial noise"):
+        ibc.predict_action_chunk(make_obs(0, batch=1), noise=torch.zeros(1))
+
+
+def test_bench_server_compares_like_with_like(ckpt) -> None:
+    """The in-process baseline and the served policy use the same sampler, steps and backend."""
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_server", REPO / "scripts/bench_server.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = argparse.Namespace(
+        checkpoint=str(ckpt), threads=1, sampler="ddim", inference_steps=3, backend="fused",
+        max_batch=4, batch_wait_ms=2.0,
+    )  # fmt: skip
+    cmd = bench.server_command(args)
+    assert (
+        cmd[cmd.index("--backend") + 1] == "fused"
+        and cmd[cmd.index("--inference-steps") + 1] == "3"
+    )
+    policy = bench.bench_policy(str(ckpt), "ddim", 3, "fused")
+    assert policy.sampler_settings() == {
+        "sampler": "ddim", "num_inference_steps": 3, "timestep_spacing": "leading", "backend": "fused",
+    }  # fmt: skip
+    assert len(bench.in_process_latency(str(ckpt), "ddim", 3, 1, n=2, backend="fused")) == 2

@@ -152,3 +152,25 @@ def test_text_is_not_a_binary_frame() -> None:
 def test_error_text_is_one_line() -> None:
     assert error_text("bad\nthing   here") == "error: bad thing here"
     assert error_text("error: x") == "error: x"
+
+
+def test_object_budget_stops_frames_of_many_small_objects() -> None:
+    from diffusion_policy.serving.protocol import MAX_REQUEST_OBJECTS
+
+    n = MAX_REQUEST_OBJECTS
+    request = packb({"keypoints": np.zeros((2, 20), np.float32), "seed": 1, "request_id": "a"})
+    assert unpackb(request, max_objects=n)["seed"] == 1  # a real request is far below the budget
+    flat = msgpack.packb([{}] * (n + 1))
+    nested = msgpack.packb([[{}] * 1000] * 100)  # every container short, the total large
+    wide = msgpack.packb({f"k{i}": 0 for i in range(n)})
+    for frame in (flat, nested, wide):
+        with pytest.raises(ProtocolError, match=f"more than {n} msgpack objects"):
+            unpackb(frame, max_objects=n)
+        unpackb(frame)  # without a budget (the client side) it decodes
+
+
+def test_error_text_is_one_bounded_line() -> None:
+    from diffusion_policy.serving.protocol import MAX_ERROR_CHARS
+
+    text = error_text("bad\n" + "x" * 1_000_000)
+    assert "\n" not in text and len(text) < MAX_ERROR_CHARS + 60 and "more characters" in text

@@ -331,9 +331,34 @@ def _dead_workers(venv: gym.vector.VectorEnv) -> str:
 
 
 def check_server(meta: dict[str, Any], cfg: Any, checkpoint: str) -> None:
-    """Refuse a server whose policy observes something else than this checkpoint's task."""
+    """Refuse a server whose policy is not this checkpoint (its weights' sha256 in the metadata),
+    or observes something else than this checkpoint's task, naming both."""
+    from diffusion_policy.checkpoint import resolve_checkpoint
+    from diffusion_policy.serving.protocol import checkpoint_digest
+
     if meta.get("task", {}).get("obs_type") != cfg.task.obs_type:
         raise UserError(
             f"the server's policy observes {meta.get('task', {}).get('obs_type')!r}, but {checkpoint} "
             f"is a {cfg.task.obs_type!r} checkpoint"
         )
+    served = meta.get("checkpoint") or {}
+    if not served.get("sha256"):
+        raise UserError(
+            f"the server does not say which checkpoint it serves (no checkpoint sha256 in its "
+            f"metadata), so its score cannot be filed under {checkpoint}: serve it with this dp serve"
+        )
+    path = resolve_checkpoint(checkpoint)
+    mine = checkpoint_digest(path)
+    if served["sha256"] != mine:
+        raise UserError(
+            f"the server serves another checkpoint: {served.get('path', '?')} (step "
+            f"{served.get('step')}, sha256 {served['sha256'][:12]}), not {path} (step "
+            f"{_step_of(path)}, sha256 {mine[:12]})"
+        )
+
+
+def _step_of(path: Path) -> Any:
+    try:
+        return json.loads((path / "meta.json").read_text()).get("step")
+    except (OSError, ValueError):
+        return None

@@ -78,9 +78,16 @@ class Policy(nn.Module, ABC):
 
     @abstractmethod
     def predict_action_chunk(
-        self, obs: dict[str, torch.Tensor], generator: torch.Generator | None = None
+        self,
+        obs: dict[str, torch.Tensor],
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """obs {key: (B, To, ...)} raw -> {"action": (B, Ta, Da), "action_pred": (B, T, Da)} raw units."""
+        """obs {key: (B, To, ...)} raw -> {"action": (B, Ta, Da), "action_pred": (B, T, Da)} raw units.
+
+        `noise` of shape `noise_shape(B)` is the initial noise; only policies whose `noise_shape`
+        is not None take it.
+        """
 
     # True when compute_loss has no host synchronisation, no data-dependent Python control flow and
     # takes all its randomness from the batch (sample_training_noise): then the trainer may capture
@@ -93,6 +100,82 @@ class Policy(nn.Module, ABC):
 
     def reset(self) -> None:
         """Clear any per-episode state (none for the built-in policies)."""
+
+    # --- inference facts: what a server or an exporter may rely on instead of guessing ------------
+    def noise_shape(self, batch_size: int) -> tuple[int, ...] | None:
+        """Shape of the initial noise `predict_action_chunk(noise=...)` takes for `batch_size` rows,
+
+        drawn as `torch.randn(shape, generator=g)` exactly as the call draws it from `generator`;
+        None when the policy takes no explicit noise.
+        """
+        return None
+
+    def deterministic_given_noise(self) -> bool:
+        """True when each row of a chunk is a function of that row's observation and noise alone.
+
+        Then rows of different requests may share one forward pass, each with its own noise, and a
+        batch may be padded with extra rows. False when sampling draws more randomness (DDPM's
+        per-step noise, IBC's candidates): only the generator reproduces a chunk.
+        """
+        return False
+
+    def inference_backends(self) -> tuple[str, ...]:
+        """The names `set_inference_backend` accepts; the active one is `inference_backend`."""
+        return ("eager",)
+
+    inference_backend: str = "eager"
+
+    def set_inference_backend(self, backend: str) -> None:
+        """Choose how chunks are computed (one of `inference_backends()`)."""
+        if backend not in self.inference_backends():
+            raise ConfigError(
+                f"inference backend {backend!r}: expected one of {self.inference_backends()}"
+            )
+        self.inference_backend = backend
+
+    def builds_per_batch_size(self) -> bool:
+        """True when the active backend builds a kernel per batch size (a trace, a CUDA graph).
+
+        The first chunk at an unbuilt size then pays the build (seconds on a CPU), so a server
+        prepares a few sizes with `prepare_inference` and pads each batch up to a prepared one.
+        """
+        return False
+
+    def prepare_concurrently(self) -> bool:
+        """True when `prepare_inference` may run in another thread while this policy answers
+        `predict_action_chunk` at sizes already prepared (else prepare before serving)."""
+        return False
+
+    def prepare_inference(self, batch_size: int) -> None:
+        """Build and warm up what a chunk of `batch_size` rows runs (first-call allocations, a trace
+        and its optimising runs, a graph capture), so the first real chunk at that size is as
+        fast as the rest. Runs on zeros; changes no state that a chunk depends on."""
+        gen = torch.Generator(self.device).manual_seed(0)
+        self.predict_action_chunk(self.zero_obs(batch_size), generator=gen)
+
+    def zero_obs(self, batch_size: int) -> dict[str, torch.Tensor]:
+        """An all-zero observation {key: (B, To, ...)} of the right shapes and dtypes (warm-ups)."""
+        return {
+            k: torch.zeros(
+                (batch_size, self.config.n_obs_steps, *s.shape), dtype=getattr(torch, s.dtype)
+            )
+            for k, s in self.shape_meta.obs.items()
+        }
+
+    def sampler_settings(self) -> dict[str, Any]:
+        """What decides a chunk besides the weights, the observation and the noise (for a server's
+        metadata and a checkpoint identity): the sampler, its steps, the backend."""
+        return {"sampler": None, "num_inference_steps": None, "backend": self.inference_backend}
+
+    def observation_ranges(self) -> dict[str, tuple[float, float]]:
+        """(min, max) of each fitted low-dim observation key over the training data: what an
+        observation far outside of is likely in other units."""
+        out = {}
+        for key, spec in self.shape_meta.obs.items():
+            if spec.kind == "low_dim" and self.normalizer.is_fitted(key):
+                s = self.normalizer.stats(key)
+                out[key] = (float(s["min"].min()), float(s["max"].max()))
+        return out
 
     # --- shared helpers -----------------------------------------------------------------------
     def executed_slice(self) -> slice:

@@ -446,15 +446,26 @@ class IBCPolicy(Policy):
         return loss if keep_graph else loss.detach()
 
     # --- inference -------------------------------------------------------------------------------
+    def sampler_settings(self) -> dict[str, Any]:
+        return {**super().sampler_settings(), "inference": self.config.inference}
+
     @torch.no_grad()
     def predict_action_chunk(
-        self, obs: dict[str, torch.Tensor], generator: torch.Generator | None = None
+        self,
+        obs: dict[str, torch.Tensor],
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Minimise E over the chunk by DFO or Langevin; deterministic given `generator`.
 
         `action_pred` (B, T, Da) holds the Ta predicted steps at [To-1, To-1+Ta); IBC predicts no other
         steps, so the rest repeat the nearest predicted one (edge padding, like the dataset's windows).
+        IBC starts from no single noise tensor (`noise_shape` is None), so `noise` must be None.
         """
+        if noise is not None:
+            raise ValueError(
+                "IBCPolicy takes no initial noise (noise_shape is None); pass a generator"
+            )
         c = self.config
         was_training = self.training
         self.eval()  # inference never uses dropout or random crops

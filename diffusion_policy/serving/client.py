@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import ssl
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -82,8 +83,11 @@ class PolicyClient:
         connect_timeout: float = 30.0,
         backoff: tuple[float, float] = (0.05, 2.0),
         max_reply_bytes: int | None = 64 * 2**20,
+        ssl_context: ssl.SSLContext | None = None,
     ):
+        """`ssl_context`: for a wss:// server whose certificate the system does not trust."""
         self.url = url
+        self.ssl_context = ssl_context
         self.token = token
         self.timeout = timeout
         self.connect_timeout = connect_timeout
@@ -110,12 +114,13 @@ class PolicyClient:
                     max_size=self.max_reply_bytes,
                     open_timeout=max(0.1, min(self.timeout, left)),
                     close_timeout=1.0,
+                    **({"ssl": self.ssl_context} if self.ssl_context is not None else {}),
                     **_CONNECT_COMPAT,
                 )
             except InvalidStatus as e:
                 status = e.response.status_code
                 body = e.response.body.decode(errors="replace").strip() if e.response.body else ""
-                if status in (401, 403):
+                if status in (400, 401, 403, 429):
                     raise AuthError(f"{self.url}: HTTP {status}: {body}") from None
                 last = f"HTTP {status} {body}"
             except InvalidURI as e:

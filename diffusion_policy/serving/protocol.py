@@ -22,8 +22,11 @@ This module imports numpy and msgpack only: the client and robot code depend on 
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -44,9 +47,23 @@ class ServeConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     warmup: bool = True
     seed: int = 0  # the server generator, for requests without a seed
+    # a connection that sent a request this recently may send another soon: only such connections
+    # hold a batch open (idle ones never make the others wait)
+    active_window_s: float = 2.0
+    drain_timeout_s: float = (
+        60.0  # a stop answers queued and running requests for at most this long
+    )
+    auth_free_tries: int = 5  # wrong tokens from one address before it must back off
+    auth_backoff_s: float = 1.0  # then 1, 2, 4 ... s (at most 60) between tries, else HTTP 429
+    tls_cert: str | None = None  # PEM certificate chain: serve wss:// (with tls_key)
+    tls_key: str | None = None
 
 
 PROTOCOL_VERSION = 1
+# A request is a few keys whose arrays travel as raw bytes: about 100 msgpack objects. The server
+# refuses frames of more, so a small frame of many tiny objects cannot cost seconds or gigabytes.
+MAX_REQUEST_OBJECTS = 4096
+MAX_ERROR_CHARS = 500  # error texts never echo unbounded input
 # Keys in a request that are not observations.
 RESERVED_KEYS = ("request_id", "seed")
 _REFUSED_KINDS = ("O", "V", "c")  # object, void (records, raw), complex
@@ -150,23 +167,84 @@ def packb(obj: Any) -> bytes:
         raise ProtocolError(f"cannot encode message: {e}") from None
 
 
-def unpackb(data: bytes) -> Any:
-    """Decode msgpack bytes; raises ProtocolError (one line) on anything malformed or refused."""
+class _ObjectBudget:
+    """msgpack hooks that count the objects decoded so far and stop the decode past a limit."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.left = limit
+
+    def _spend(self, n: int) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise ProtocolError(f"frame holds more than {self.limit} msgpack objects")
+
+    def map(self, obj: dict) -> Any:
+        self._spend(2 * len(obj))
+        return _decode(obj)
+
+    def list(self, obj: list) -> list:
+        self._spend(len(obj))
+        return obj
+
+
+def unpackb(data: bytes, max_objects: int | None = None) -> Any:
+    """Decode msgpack bytes; raises ProtocolError (one line) on anything malformed or refused.
+
+    `max_objects` bounds the objects (map keys and values, array items) the frame may hold; the
+    decode stops as soon as it is exceeded, before building the rest.
+    """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise ProtocolError(f"expected a binary frame, got {type(data).__name__}")
-    try:
-        return msgpack.unpackb(
-            data, object_hook=_decode, ext_hook=_refuse_ext, raw=False, strict_map_key=True
+    hooks: dict[str, Any] = {"object_hook": _decode}
+    if max_objects is not None:
+        budget = _ObjectBudget(max_objects)
+        hooks = dict(
+            object_hook=budget.map,
+            list_hook=budget.list,
+            max_array_len=max_objects,
+            max_map_len=max_objects // 2,
         )
+    try:
+        return msgpack.unpackb(data, ext_hook=_refuse_ext, raw=False, strict_map_key=True, **hooks)
     except ProtocolError:
         raise
     except msgpack.ExtraData:
         raise ProtocolError("frame holds trailing bytes after one msgpack message") from None
+    except ValueError as e:
+        if max_objects is not None and "exceeds max_" in str(e):  # a container's declared length
+            raise ProtocolError(f"frame holds more than {max_objects} msgpack objects") from None
+        raise ProtocolError(f"frame is not valid msgpack: ValueError: {e}") from None
     except Exception as e:  # msgpack raises several types for malformed input
         raise ProtocolError(f"frame is not valid msgpack: {type(e).__name__}: {e}") from None
 
 
+def shorten(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """`text` cut to `limit` characters, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
 def error_text(reason: str) -> str:
-    """The text frame for an error: one line, so logs and the openpi client show it whole."""
-    line = " ".join(str(reason).split())
+    """The text frame for an error: one bounded line, so logs and the openpi client show it whole."""
+    line = " ".join(shorten(str(reason), 4 * MAX_ERROR_CHARS).split())
+    line = shorten(line)
     return line if line.startswith("error:") else f"error: {line}"
+
+
+def checkpoint_digest(checkpoint_dir: str | Path) -> str:
+    """sha256 of a checkpoint's weights (model.safetensors): the identity a server announces and
+    `dp eval --server` compares against its own checkpoint (cached while the file is unchanged)."""
+    file = Path(checkpoint_dir).resolve() / "model.safetensors"
+    st = file.stat()
+    return _file_sha256(str(file), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
