@@ -337,10 +337,11 @@ def check_server(meta: dict[str, Any], cfg: Any, checkpoint: str) -> None:
     from diffusion_policy.checkpoint import resolve_checkpoint
     from diffusion_policy.serving.protocol import checkpoint_digest
 
-    if meta.get("task", {}).get("obs_type") != cfg.task.obs_type:
+    mine_obs = None if cfg.task.obs else cfg.task.obs_type  # a declared task has no obs_type
+    if meta.get("task", {}).get("obs_type") != mine_obs:
         raise UserError(
             f"the server's policy observes {meta.get('task', {}).get('obs_type')!r}, but {checkpoint} "
-            f"is a {cfg.task.obs_type!r} checkpoint"
+            f"is a {mine_obs!r} checkpoint"
         )
     served = meta.get("checkpoint") or {}
     if not served.get("sha256"):

@@ -837,6 +837,11 @@ def _plain_response(
     return Response(status.value, status.phrase, headers, data)
 
 
+def obs_type_of(task: Any) -> str | None:
+    """The Push-T obs_type a task observes, or None for a declared task (`task.obs`)."""
+    return None if task.obs else task.obs_type
+
+
 def build_metadata(
     engine: InferenceEngine,
     cfg: Any,
@@ -862,7 +867,12 @@ def build_metadata(
         "n_obs_steps": int(pc.n_obs_steps),
         "n_action_steps": int(pc.n_action_steps),
         "control_hz": float(cfg.task.control_hz),
-        "task": {"name": cfg.task.name, "env_id": cfg.task.env_id, "obs_type": cfg.task.obs_type},
+        # obs_type is the Push-T shorthand; a declared task's observations are the "obs" above
+        "task": {
+            "name": cfg.task.name,
+            "env_id": cfg.task.env_id,
+            "obs_type": obs_type_of(cfg.task),
+        },
         "sampler": settings.get("sampler"),
         "num_inference_steps": settings.get("num_inference_steps"),
         "seeded_requests_batched": engine.deterministic,
