@@ -57,6 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="sampling noise seed (default: the checkpoint's train.seed, as the training loop's "
         "own evaluation, so a checkpoint scores the same both ways)",
     )
+    _add_offline_arguments(parser)
+    _add_server_arguments(parser)
+
+
+def _add_offline_arguments(parser: argparse.ArgumentParser) -> None:
     o = parser.add_argument_group(
         "offline evaluation (the default for a task without a simulator, task.env_id null)"
     )
@@ -72,6 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="STORE",
         help="offline: evaluate on every episode of this zarr store instead of the run's held-out ones",
     )
+
+
+def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group(
         "policy server and real-time pacing (see diffusion_policy/serving)"
     )
