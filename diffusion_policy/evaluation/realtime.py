@@ -128,7 +128,9 @@ def _robot(
     """One robot thread: its own planner and env, episodes taken from the fleet until none is left."""
     try:
         planner = make_planner(index)
-        env = make_env(task.env_id, task.obs_type, cfg.max_steps, cfg.video_size)
+        env = make_env(
+            task.env_id, task.obs_type, cfg.max_steps, cfg.video_size, task.env_kwargs or None
+        )
         try:
             while (job := fleet.next_episode()) is not None:
                 n, seed = job
