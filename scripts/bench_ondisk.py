@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / ".bench" / "ondisk"
 LEROBOT_PY = Path(
     os.environ.get("DP_LEROBOT_PYTHON", REPO / ".bench" / "lerobot" / ".venv" / "bin" / "python")
-)
+)  # a worktree can point it at the main checkout's venv
 LEROBOT_WORKER = REPO / "scripts" / "_lerobot_loader_bench.py"
 H, W = 240, 320
 CAMERAS = ("front", "wrist")
@@ -191,7 +191,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
 
     total = args.warmup + args.steps
     if args.mode == "ondisk" and args.workers == 0:
-        ds.follow(indices, depth=args.depth)
+        ds.follow(indices, depth=max(args.depth, args.threads), threads=args.threads)
         batches = (ds.get_batch(indices(s)) for s in range(total))
     elif args.mode == "ondisk":  # the alternative to the thread: each worker reads whole batches
         loader = torch.utils.data.DataLoader(
@@ -282,6 +282,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30, help="timed batches per loader")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--depth", type=int, default=2, help="batches the prefetch thread reads ahead")
+    p.add_argument("--threads", type=int, default=1, help="prefetch threads (each reads a batch)")
     p.add_argument("--cache-mb", type=int, default=0, help="LRU of decoded chunks (0: none)")
     p.add_argument("--resident-gb", type=float, default=2.0, help="subset for the resident row")
     p.add_argument("--no-lerobot", action="store_true")
@@ -308,6 +309,7 @@ def main() -> None:
           "--cache-mb", str(args.cache_mb)]  # fmt: skip
     rows: list[tuple[str, dict[str, Any]]] = []
     rows.append(("ours on-disk, prefetch thread", measure([*me, "--ours", "ondisk", "--workers", "0"], env)))  # fmt: skip
+    rows.append(("ours on-disk, 2 prefetch threads", measure([*me, "--ours", "ondisk", "--workers", "0", "--threads", "2"], env)))  # fmt: skip
     rows.append((f"ours on-disk, DataLoader {args.workers} workers",
                  measure([*me, "--ours", "ondisk", "--workers", str(args.workers)], env)))  # fmt: skip
     from diffusion_policy.data.ondisk import RESIDENT_FRACTION

@@ -211,12 +211,13 @@ class OnDiskDataset(ReplayDataset):
         indices_at: Callable[[int], torch.Tensor],
         depth: int = 2,
         locate: Callable[[np.ndarray], int | None] | None = None,
+        threads: int = 1,
     ) -> OnDiskDataset:
         """Read the batches of steps to come in a background thread: `indices_at(step)` is the
         training schedule, `locate(idx)` finds the step of a batch (a resumed run's first)."""
         if self._prefetch is not None:
             self._prefetch.close()
-        self._prefetch = Prefetcher(self._load, indices_at, depth, locate)
+        self._prefetch = Prefetcher(self._load, indices_at, depth, locate, threads)
         return self
 
     def _rows(self, key: str, t: np.ndarray) -> np.ndarray:

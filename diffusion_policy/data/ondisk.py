@@ -11,9 +11,11 @@ read whole they keep every value check of the resident path; datasets.OnDiskData
 runs. It knows the step's batch from the schedule (a function step -> indices: training/build.py's
 `batch_indices` of (seed, step)), so the loop keeps calling `get_batch(idx)` unchanged; a call whose
 indices are not the ones expected (validation, a resumed run's first step) is read directly, and
-the schedule is re-found with `locate`. A thread beats DataLoader workers here: zarr decodes chunks
-in its own thread pool with the GIL released, and the batch comes back without pickling or a copy
-through shared memory (scripts/bench_ondisk.py measures both).
+the schedule is re-found with `locate`. Why a thread and not DataLoader workers: the thread takes
+no core from the training step and returns the batch without pickling or a copy through shared
+memory, at half the memory; but zarr's per-chunk work mostly holds the GIL, so a second thread adds
+nothing, and on an idle machine two worker processes read ~1.6x faster (scripts/bench_ondisk.py
+measures the three side by side).
 
 `residency` is `data.resident` resolved: auto keeps every frame on the training device when the
 frames the spec reads take at most RESIDENT_FRACTION of the memory available (host RAM, and the
@@ -181,6 +183,7 @@ class Prefetcher:
         indices_at: Callable[[int], torch.Tensor],
         depth: int = 2,
         locate: Callable[[np.ndarray], int | None] | None = None,
+        threads: int = 1,
     ):
         if depth < 1:
             raise ValueError(f"prefetch depth must be >= 1, got {depth}")
@@ -188,7 +191,7 @@ class Prefetcher:
         self.hits = self.misses = 0
         self._next: int | None = None  # the step whose batch is expected next
         self._pending: deque[tuple[np.ndarray, Future]] = deque()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dp-prefetch")
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dp-prefetch")
 
     def get(self, idx: np.ndarray) -> dict[str, Any]:
         """The batch of indices `idx`: prefetched when it is the expected step's, else read now."""
