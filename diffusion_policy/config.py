@@ -153,7 +153,11 @@ class DataConfig:
     split_seed: int = 42
     max_train_episodes: int | None = 90  # the paper trains on 90 of the 206 Push-T episodes
     val_episodes: str = "heldout"  # heldout: the split-off episodes; complement: every non-training episode (original)
-    resident: bool = True  # keep the whole dataset on the training device and index batches there
+    # where the frames live: true = every frame on the training device, batches indexed there;
+    # false = every frame in host RAM, each batch copied to the device; disk = camera frames stay in
+    # the store, each batch read from its chunks ahead of the step (stores larger than memory);
+    # auto = true while the frames fit in half the free memory (RAM, and the GPU's), else false or disk
+    resident: bool | str = "auto"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.val_ratio < 1.0:
@@ -161,6 +165,12 @@ class DataConfig:
         if self.val_episodes not in ("heldout", "complement"):
             raise ConfigError(
                 f"data.val_episodes={self.val_episodes!r}: expected heldout or complement"
+            )
+        if isinstance(self.resident, str) and self.resident.lower() in ("true", "false"):
+            self.resident = self.resident.lower() == "true"
+        if not isinstance(self.resident, bool) and self.resident not in ("auto", "disk"):
+            raise ConfigError(
+                f"data.resident={self.resident!r}: expected auto, true, false or disk"
             )
         if self.max_train_episodes is not None and self.max_train_episodes < 1:
             raise ConfigError(

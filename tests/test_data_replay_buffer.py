@@ -211,7 +211,9 @@ def test_missing_store(tmp_path: Path, capsys):
 def test_cli_info(store: Path, capsys):
     assert main(["data", "info", str(store)]) == 0
     out = capsys.readouterr().out
-    assert "episodes  3" in out and "steps     15" in out and "min 3  median 5  mean 5.0  max 7" in out
+    assert (
+        "episodes  3" in out and "steps     15" in out and "min 3  median 5  mean 5.0  max 7" in out
+    )
     assert "data/img" in out and "uint8" in out
 
 

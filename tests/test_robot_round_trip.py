@@ -10,7 +10,6 @@ import json
 import subprocess
 
 import numpy as np
-import pytest
 from declared import train_two_steps
 from test_convert_lerobot import FPS, H, W, demo_arrays, lerobot_python, run_peer
 from test_serving import openpi_python

@@ -21,10 +21,13 @@ Validation episodes (`val_episodes`):
 from __future__ import annotations
 
 import copy
+import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from diffusion_policy.data.ondisk import DiskFrames, Prefetcher
 from diffusion_policy.data.pusht_format import pusht_spec
 from diffusion_policy.data.replay_buffer import ReplayBuffer
 from diffusion_policy.data.sampler import (
@@ -92,11 +95,16 @@ class ReplayDataset:
         self.horizon = int(horizon)
         self.n_obs_steps = int(n_obs_steps)
         self.n_action_steps = int(n_action_steps)
-        self._frames = _Frames(read_frames(buffer, spec))
-        self.shape_meta = shape_meta(spec, self._frames.numpy)
+        frames = self._read_frames(buffer, spec)
+        self._frames = _Frames(frames)
+        self.shape_meta = shape_meta(spec, frames)
         self.episode_ends = buffer.episode_ends
         self._device = torch.device("cpu")
         self._set_mask(episode_mask)
+
+    def _read_frames(self, buffer: ReplayBuffer, spec: TaskSpec) -> dict[str, np.ndarray]:
+        """The frames this dataset keeps in memory: every key's, here."""
+        return read_frames(buffer, spec)
 
     def _set_mask(self, episode_mask: np.ndarray | None) -> None:
         n = len(self.episode_ends)
@@ -140,9 +148,12 @@ class ReplayDataset:
         if not -len(self) <= i < len(self):
             raise IndexError(f"window {i} out of range ({len(self)} windows)")
         t = window_frames(self._windows_np[[i]], self.horizon)[0]
-        f = self._frames.numpy
-        obs = {k: f[k][t[: self.n_obs_steps]] for k in self.shape_meta.obs}
-        return {"obs": obs, "action": f["action"][t]}
+        obs = {k: self._rows(k, t[: self.n_obs_steps]) for k in self.shape_meta.obs}
+        return {"obs": obs, "action": self._frames.numpy["action"][t]}
+
+    def _rows(self, key: str, t: np.ndarray) -> np.ndarray:
+        """Frames of one policy key at absolute frame indices t, as numpy."""
+        return self._frames.numpy[key][t]
 
     def get_batch(self, idx: torch.Tensor) -> dict:
         """idx (B,) long on self.device -> {"obs": {key: (B, To, ...)}, "action": (B, T, Da)} on self.device."""
@@ -162,6 +173,83 @@ class ReplayDataset:
             f"{type(self).__name__}({self.spec.label}, {len(self)} windows from {int(self.episode_mask.sum())} episodes, "
             f"T={self.horizon}, To={self.n_obs_steps}, Ta={self.n_action_steps}, device={self._device})"
         )
+
+
+class OnDiskDataset(ReplayDataset):
+    """A ReplayDataset whose camera frames stay in the store: each batch's windows are read from the
+    zarr chunks (data/ondisk.py), ahead of the step once `follow` names the schedule. Low-dim keys
+    and the action are held in host RAM (a few bytes per frame). Batches equal the resident path's
+    bit for bit; `.to(device)` moves only the window table, and each batch is copied there.
+    """
+
+    def __init__(self, *args, cache_mb: int = 0, **kw):
+        self._cache_mb = cache_mb
+        self._prefetch: Prefetcher | None = None
+        super().__init__(*args, **kw)
+
+    def _read_frames(self, buffer: ReplayBuffer, spec: TaskSpec) -> dict[str, np.ndarray]:
+        self._disk = DiskFrames(buffer, spec, self._cache_mb)
+        low = {k: v for k, v in spec.obs.items() if k not in self._disk.keys}
+        frames = read_frames(buffer, dataclasses.replace(spec, obs=low))
+        return {**frames, **self._disk.placeholders()}
+
+    def view(self, episode_mask: np.ndarray) -> OnDiskDataset:
+        other = super().view(episode_mask)
+        other._prefetch = None  # a view follows no schedule of its own
+        return other
+
+    def to(self, device: str | torch.device) -> OnDiskDataset:
+        """Put the window table on `device` (batches are copied there); frames stay where they are."""
+        self._device = torch.device(device)
+        if self._device.type == "cuda" and self._device.index is None:
+            self._device = torch.device("cuda", torch.cuda.current_device())
+        self._windows = self._windows.to(self._device)
+        return self
+
+    def follow(
+        self,
+        indices_at: Callable[[int], torch.Tensor],
+        depth: int = 2,
+        locate: Callable[[np.ndarray], int | None] | None = None,
+        threads: int = 1,
+    ) -> OnDiskDataset:
+        """Read the batches of steps to come in a background thread: `indices_at(step)` is the
+        training schedule, `locate(idx)` finds the step of a batch (a resumed run's first)."""
+        if self._prefetch is not None:
+            self._prefetch.close()
+        self._prefetch = Prefetcher(self._load, indices_at, depth, locate, threads)
+        return self
+
+    def _rows(self, key: str, t: np.ndarray) -> np.ndarray:
+        return self._disk.read(key, t) if key in self._disk.keys else super()._rows(key, t)
+
+    def _load(self, idx: np.ndarray) -> dict:
+        """The batch of window indices idx as CPU tensors (pinned when batches go to CUDA)."""
+        t = torch.from_numpy(window_frames(self._windows_np[idx], self.horizon))
+        obs_t = t[:, : self.n_obs_steps].contiguous()
+        f = self._frames.on(torch.device("cpu"))
+        obs = {}
+        for k in self.shape_meta.obs:
+            if k in self._disk.keys:
+                rows = self._disk.read(k, obs_t.numpy())
+                obs[k] = torch.from_numpy(rows.reshape(*obs_t.shape, *rows.shape[1:]))
+            else:
+                obs[k] = _gather(f[k], obs_t)
+        batch = {"obs": obs, "action": _gather(f["action"], t)}
+        if self._device.type == "cuda":
+            batch = {"obs": {k: v.pin_memory() for k, v in obs.items()}, "action": batch["action"].pin_memory()}  # fmt: skip
+        return batch
+
+    def get_batch(self, idx: torch.Tensor) -> dict:
+        idx_np = idx.cpu().numpy()
+        batch = self._prefetch.get(idx_np) if self._prefetch is not None else self._load(idx_np)
+        if self._device.type == "cpu":
+            return batch
+        move = lambda v: v.to(self._device, non_blocking=True)  # noqa: E731
+        return {
+            "obs": {k: move(v) for k, v in batch["obs"].items()},
+            "action": move(batch["action"]),
+        }
 
 
 class PushTDataset(ReplayDataset):
@@ -191,8 +279,10 @@ def make_datasets(
     split_seed: int = 42,
     max_train_episodes: int | None = 90,
     val_episodes: str = "heldout",
+    on_disk: bool = False,
 ) -> tuple[ReplayDataset, ReplayDataset | None]:
-    """Loads the store once (only the keys the spec reads) and returns train and val views sharing memory."""
+    """Loads the store once (only the keys the spec reads) and returns train and val views sharing
+    memory; `on_disk`: camera frames stay in the store and are read per batch (OnDiskDataset)."""
     if val_episodes not in VAL_EPISODES:
         raise ValueError(f"val_episodes must be one of {VAL_EPISODES}, got {val_episodes!r}")
     check_spec(ReplayBuffer.open(path, "r", keys=[]), spec)  # spec problems name the spec key
@@ -200,7 +290,8 @@ def make_datasets(
     buffer = ReplayBuffer.open(path, "r", keys=spec.store_keys())
     val_mask = get_val_mask(buffer.n_episodes, val_ratio, split_seed)
     train_mask = downsample_mask(~val_mask, max_train_episodes, split_seed)
-    train = ReplayDataset(buffer, spec, horizon, n_obs_steps, n_action_steps, train_mask)
+    cls = OnDiskDataset if on_disk else ReplayDataset
+    train = cls(buffer, spec, horizon, n_obs_steps, n_action_steps, train_mask)
     if len(train) == 0:
         lengths = buffer.episode_lengths[train_mask]
         shortest = max(1, horizon - (n_obs_steps - 1) - (n_action_steps - 1))

@@ -20,6 +20,8 @@ import torch.distributed as dist
 
 from diffusion_policy.config import Config
 from diffusion_policy.data.datasets import make_datasets, task_spec
+from diffusion_policy.data.ondisk import frames_nbytes, residency
+from diffusion_policy.data.replay_buffer import ReplayBuffer
 from diffusion_policy.errors import ConfigError, DataError
 from diffusion_policy.registry import policy_class
 from diffusion_policy.shapes import ShapeMeta
@@ -157,15 +159,45 @@ def load_datasets(cfg: Config, device: str) -> tuple[Any, Any | None, str]:
             if not cfg.task.obs
             else f"dataset {dataset_path} not found: set task.dataset to your replay-buffer store"
         )
+    spec = task_spec(cfg.task)
+    where, why = residency(cfg.data.resident, frames_nbytes(ReplayBuffer.open(dataset_path, "r", keys=[]), spec), device)  # fmt: skip
+    if cfg.data.resident == "auto" and where != "device":
+        print(f"data: {why}: {'camera frames read from disk per batch' if where == 'disk' else 'frames in host RAM'} (data.resident=auto)")  # fmt: skip
     train_ds, val_ds = make_datasets(
-        str(dataset_path), task_spec(cfg.task), p.horizon, p.n_obs_steps, p.n_action_steps,
+        str(dataset_path), spec, p.horizon, p.n_obs_steps, p.n_action_steps,
         val_ratio=cfg.data.val_ratio, split_seed=cfg.data.split_seed,
         max_train_episodes=cfg.data.max_train_episodes, val_episodes=cfg.data.val_episodes,
+        on_disk=where == "disk",
     )  # fmt: skip
-    data_device = device if cfg.data.resident else "cpu"
+    data_device = "cpu" if where == "host" else device
     train_ds = train_ds.to(data_device)
+    if where == "disk":  # read the batches of the coming steps while the current one runs
+        d = init_distributed(device)
+        g, seed, n = cfg.train.batch_size * d.world, cfg.train.seed, len(train_ds)
+        train_ds.follow(functools.partial(batch_indices, n, g, seed=seed, d=d, device="cpu"),
+                        locate=functools.partial(locate_step, n=n, global_batch=g, seed=seed, d=d,
+                                                 max_steps=_max_steps(cfg, n, g)))  # fmt: skip
     val_ds = val_ds.to(data_device) if val_ds is not None and len(val_ds) > 0 else None
     return train_ds, val_ds, data_device
+
+
+def locate_step(
+    idx: np.ndarray, n: int, global_batch: int, seed: int, d: Dist, max_steps: int
+) -> int | None:
+    """The step < max_steps whose batch (this rank's) is `idx`, or None: a resumed run's first."""
+    per_epoch, local = max(1, n // global_batch), global_batch // d.world
+    for epoch in range(math.ceil(max_steps / per_epoch) + 1):
+        perm = _epoch_permutation(n, global_batch, seed, epoch).numpy()
+        for pos in np.flatnonzero(perm == idx[0]):
+            b, rest = divmod(int(pos) - d.rank * local, global_batch)
+            if rest == 0 and 0 <= b < per_epoch and np.array_equal(perm[pos : pos + local], idx):
+                return epoch * per_epoch + b
+    return None
+
+
+def _max_steps(cfg: Config, n: int, global_batch: int) -> int:
+    t = cfg.train
+    return t.max_steps if t.max_steps is not None else t.num_epochs * max(1, n // global_batch)
 
 
 def build_run(cfg: Config, d: Dist, device: str) -> Run:
