@@ -274,6 +274,11 @@ class TrainConfig:
     max_steps: int | None = None  # the schedule's length (the lr schedule ends here)
     time_limit_min: float | None = None  # stop (and checkpoint) after this much wall time
     stop_at_step: int | None = None  # stop (and checkpoint) here without changing the schedule
+    # time-budgeted run: the lr schedule and the stopping point follow the fraction of this many
+    # minutes of wall time used (max_steps, if set, stays an upper bound), so the schedule ends in
+    # the budget on any machine; not bit-for-bit reproducible across machines by nature
+    budget_min: float | None = None
+    budget_eval_min: float | None = None  # reserved for the final evaluation; null = estimated
     amp: bool = False  # bf16 autocast of the training forward pass; weights and optimiser stay fp32
     # capture the whole step (forward, backward, AdamW, EMA) in a CUDA graph and replay it:
     # null = on where it applies (CUDA, one process, a graph_safe policy), else off
@@ -293,8 +298,16 @@ class TrainConfig:
         _at_least("train", self, ("batch_size", "num_epochs"), 1)
         _at_least("train", self, ("num_threads",), 0)
         _at_least("train", self, ("max_steps", "stop_at_step"), 1, nullable=True)
-        if self.time_limit_min is not None and not self.time_limit_min > 0:
-            raise ConfigError(f"train.time_limit_min={self.time_limit_min}: must be > 0 or null")
+        for key in ("time_limit_min", "budget_min"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                raise ConfigError(f"train.{key}={value}: must be > 0 or null")
+        if self.budget_eval_min is not None and not 0 <= self.budget_eval_min < (
+            self.budget_min or float("inf")
+        ):
+            raise ConfigError(
+                f"train.budget_eval_min={self.budget_eval_min}: must be >= 0 and less than train.budget_min"
+            )
 
 
 # The flat train.* keys of configs written before the sections (old checkpoints and run

@@ -22,19 +22,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (0 = the measured default: 1 on 2 cores, else all but one; OMP_NUM_THREADS wins)",
+    )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace a run already in --out (deletes it)"
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    from diffusion_policy.threads import configure_threads
 
+    configure_threads(args.threads)  # before torch loads
     from diffusion_policy.training.distill import distill
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     distill(
         args.checkpoint, args.out, steps=args.steps, teacher_steps=args.teacher_steps,
         teacher_spacing=args.teacher_spacing, train_steps=args.train_steps,

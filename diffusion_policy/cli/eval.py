@@ -42,6 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="step envs in-process (SyncVectorEnv) instead of worker processes",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (0 = the measured default: 1 on 2 cores, else all but one; OMP_NUM_THREADS wins)",
+    )
     add_sampler_arguments(parser)
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     parser.add_argument(
@@ -120,6 +126,9 @@ def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from diffusion_policy.threads import configure_threads
+
+    configure_threads(args.threads)  # before torch loads
     from diffusion_policy.evaluation.checkpoint_eval import (
         EvalOptions,
         evaluate_checkpoint,

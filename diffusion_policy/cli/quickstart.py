@@ -56,10 +56,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace a run already in the given run_dir"
     )
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help="wall-time budget of the training and its final evaluation (train.budget_min; the CPU "
+        "preset's is 55): the lr schedule follows the time used, so the run finishes its schedule "
+        "in the budget on any machine, and the steps it reaches (and so its score) depend on the "
+        "machine's speed. Not bit-for-bit reproducible across machines",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (0 = the measured default: 1 on 2 cores, else all but one; OMP_NUM_THREADS wins)",
+    )
     parser.add_argument("overrides", nargs="*", help="extra key=value config overrides")
 
 
 def run(args: argparse.Namespace) -> int:
+    from diffusion_policy.threads import configure_threads
+
+    configure_threads(args.threads)  # before torch loads
     import torch
 
     from diffusion_policy.config import load_config
@@ -69,7 +87,9 @@ def run(args: argparse.Namespace) -> int:
     preset = args.preset or (
         "pusht_diffusion_state" if torch.cuda.is_available() else "pusht_diffusion_state_cpu"
     )
-    cfg = load_config(preset, [f"task.dataset={data}", *args.overrides])
+    budget = [f"train.budget_min={args.minutes}"] if args.minutes is not None else []
+    threads = [f"train.num_threads={args.threads}"] if args.threads else []
+    cfg = load_config(preset, [f"task.dataset={data}", *budget, *threads, *args.overrides])
     print(f"quickstart: training {preset} on {data}")
     run_dir = train(cfg, overwrite=args.overwrite)
     print(

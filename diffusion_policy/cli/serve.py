@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=0,
-        help="torch CPU threads (0: torch default; 1 avoids stalls when other processes share the cores)",
+        help="torch CPU threads (0 = the measured default: 1 on 2 cores, else all but one; OMP_NUM_THREADS wins)",
     )
     parser.add_argument("--no-warmup", action="store_true", help="skip the warmup forward pass")
     parser.add_argument(
@@ -125,6 +125,9 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("websockets").setLevel(logging.WARNING)
     args.token = _read_token(args)
     _check_args(args)
+    from diffusion_policy.threads import configure_threads
+
+    configure_threads(args.threads)  # before torch loads
     t0 = time.perf_counter()
     server = _build_server(args)
     log = logging.getLogger("dp.serve")
@@ -150,14 +153,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _build_server(args: argparse.Namespace):
-    import torch
 
     from diffusion_policy.checkpoint import load_policy, resolve_checkpoint
     from diffusion_policy.cli.sampler_options import apply_sampler_arguments
     from diffusion_policy.serving.server import PolicyServer, log
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
     log.info("loading %s", args.checkpoint)
     policy, cfg, meta = load_policy(args.checkpoint, device=args.device)
     path = resolve_checkpoint(args.checkpoint)

@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from diffusion_policy.threads import configure_threads
+
+    configure_threads()  # before torch loads; train.num_threads, when set, wins in train()
     import torch.distributed as dist
 
     from diffusion_policy.checkpoint import read_checkpoint_meta

@@ -54,6 +54,7 @@ class Checkpointer:
         self.run_dir, self.dir = Path(run_dir), Path(run_dir) / "checkpoints"
         self.run, self.keep_best_k, self.main, self.by = run, keep_best, main, by
         self.best: list[list] = []  # [value, step, tag], best first
+        self.restored_meta: dict[str, Any] = {}  # meta.json of the checkpoint restored from
 
     def start(self, overwrite: bool = False) -> int:
         """A fresh run: its directory and config.yaml (an old run's files go when `overwrite`);
@@ -123,7 +124,7 @@ class Checkpointer:
     def restore(self) -> int:
         """Continue from latest: weights, optimiser, schedule, EMA, RNG and the best list; the log
         loses the lines of the steps that will run again. Returns the step."""
-        ckpt, _, _ = read_checkpoint_meta(self.run_dir)
+        ckpt, _, self.restored_meta = read_checkpoint_meta(self.run_dir)
         if not (ckpt / "train_state" / "state.pt").exists():
             raise ConfigError(f"{ckpt} has no train_state/: it cannot be resumed")
         learner = self.run.learner

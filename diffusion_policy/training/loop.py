@@ -24,6 +24,8 @@ import torch.distributed as dist
 from diffusion_policy.config import Config, TrainConfig, to_dict
 from diffusion_policy.errors import ConfigError, UserError
 from diffusion_policy.evaluation.rollout import EvalError
+from diffusion_policy.threads import default_threads
+from diffusion_policy.training.budget import Clock, budget_lr_schedule, make_budget
 from diffusion_policy.training.build import (
     Dist,
     Run,
@@ -53,23 +55,29 @@ def train(
     resume: str | Path | None = None,
     overwrite: bool = False,
     build: Callable[[Config, Dist, str], Run] = build_run,
+    clock: Clock = time.monotonic,
 ) -> Path:
     """Train `cfg` (or continue the run in `resume`); returns the run directory. `overwrite`
-    replaces a run already in cfg.run_dir; `build` makes the run (`dp distill` passes its own)."""
+    replaces a run already in cfg.run_dir; `build` makes the run (`dp distill` passes its own);
+    `clock` times a budgeted run (train.budget_min; tests pass a fake one)."""
     t, c = cfg.train, cfg.train.cadence
     d = init_distributed(t.device)
     device = pick_device(t.device, d)
-    if t.num_threads:
-        torch.set_num_threads(t.num_threads)
+    torch.set_num_threads(t.num_threads or default_threads())
     run_dir = resume_run_dir(resume) if resume else check_fresh(default_run_dir(cfg), overwrite)
     seed_everything(t.seed + d.rank)
     run = build(cfg, d, device)
     check_offline(run)
+    budget = make_budget(t, c.final_eval, clock)
+    if budget is not None:  # before restoring, which loads the schedule's state into it
+        run.learner.lr_sched = budget_lr_schedule(run.learner.optimizer, t, budget)
     ckpt = Checkpointer(run_dir, run, c.keep_best, d.main, best_by(cfg))
     step = ckpt.restore() if resume else ckpt.start(overwrite)
+    if budget is not None:
+        budget.resume(float(ckpt.restored_meta.get("budget_used_s", 0.0)))
     if d.main:
-        print(run.describe(run_dir))
-    log = MetricsLog(run_dir, cfg, d.main, run.total_steps, step)
+        print(run.describe(run_dir) + (budget.describe() if budget else ""))
+    log = MetricsLog(run_dir, cfg, d.main, None if budget and t.max_steps is None else run.total_steps, step)  # fmt: skip
     with StopRequest(t, d, device) as stop, log:
         if c.eval_first and step == 0 and d.main:
             log.log(step, evaluation_metrics(run, run_dir, step))
@@ -79,18 +87,23 @@ def train(
             log.train_step(step, loss, run)
             if c.val_every and step % c.val_every == 0 and d.main:
                 log.log(step, validate(run))
-            stopping = stop.requested(step)
+            stopping = stop.requested(step) or budget is not None and budget.done()
             last = step == run.total_steps or stopping
             # checkpoint before evaluating, so a failed evaluation never costs the trained weights
             if c.checkpoint_every and step % c.checkpoint_every == 0 or last:
+                if budget is not None:
+                    run.meta["budget_used_s"] = budget.used_s()
                 ckpt.save(step)
             if d.main and (c.eval_every and step % c.eval_every == 0 or last and c.final_eval):
                 evaluate_and_keep_best(run, run_dir, step, log, ckpt)
             if stop.agreed(stopping):
                 break
+        if budget is not None and d.main:
+            log.log(step, budget.summary(step))
     if d.main:
         minutes = (time.time() - log.t_start) / 60
-        print(f"done: {step} steps in {minutes:.1f} min; checkpoint {run_dir / 'checkpoints' / 'latest'}")  # fmt: skip
+        spent = f" ({budget.report(step)})" if budget else ""
+        print(f"done: {step} steps in {minutes:.1f} min{spent}; checkpoint {run_dir / 'checkpoints' / 'latest'}")  # fmt: skip
     return run_dir
 
 
