@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -148,3 +149,16 @@ def test_a_resumed_budgeted_run_continues_from_the_time_used(pusht_zarr, tmp_pat
         a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True
     ):
         assert torch.equal(x["exp_avg"], y["exp_avg"])
+
+
+@pytest.mark.real_data
+def test_quickstart_minutes_sets_the_budget(pusht_zarr, monkeypatch):
+    import diffusion_policy.training.loop as loop
+    from diffusion_policy.cli.main import main
+
+    seen = []
+    monkeypatch.setattr(loop, "train", lambda cfg, **kw: seen.append(cfg) or Path("/tmp/x"))
+    assert main(["quickstart", "--data", str(pusht_zarr), "--preset", "pusht_diffusion_state_cpu", "--minutes", "12"]) == 0  # fmt: skip
+    assert seen[0].train.budget_min == 12 and seen[0].train.budget_eval_min == 5
+    assert main(["quickstart", "--data", str(pusht_zarr), "--preset", "pusht_diffusion_state_cpu"]) == 0  # fmt: skip
+    assert seen[1].train.budget_min == 55 and seen[1].train.max_steps is None

@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=0,
-        help="torch CPU threads (0 = the measured default: 1 on 2 cores, else all but one; OMP_NUM_THREADS wins)",
+        help="torch CPU threads (0 = the measured default: 1 on 2 cores, else all but one; a set OMP_NUM_THREADS replaces that default)",
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace a run already in --out (deletes it)"

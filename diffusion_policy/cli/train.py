@@ -6,8 +6,19 @@ import argparse
 
 from diffusion_policy.errors import ConfigError
 
+BUDGET_HELP = (
+    "train.budget_min=M trains for M minutes of wall time (pusht_diffusion_state_cpu: 55): the lr "
+    "schedule and the stop follow the fraction of the budget used, less train.budget_eval_min kept "
+    "for the final evaluation, so the schedule always ends in the budget; the steps reached depend on "
+    "the machine, so such a run is not bit-for-bit reproducible across machines (a step-based run, "
+    "train.budget_min=null train.max_steps=N, is). --resume of a budgeted run continues from the time "
+    "used at its latest checkpoint. Threads: train.num_threads (0 = 1 on 2 cores, else all but one; "
+    "a set OMP_NUM_THREADS replaces that default)."
+)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = BUDGET_HELP
     parser.add_argument(
         "preset",
         nargs="?",
