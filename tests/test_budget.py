@@ -33,8 +33,11 @@ def test_the_fraction_follows_the_clock_and_resume_continues_the_used_time():
     assert b.fraction() == pytest.approx(0.5) and not b.done()
     clock.t += 4 * 60
     assert b.fraction() == 1 and b.done()
+    b = Budget(10, 2, clock=clock)
     b.resume(2 * 60)  # a resumed run that had used 2 of its 8 minutes
     assert b.fraction() == pytest.approx(0.25)
+    clock.t += 60
+    assert b.fraction() == pytest.approx(3 / 8)
     capped = Budget(10, 2, max_steps=100, clock=clock)
     assert capped.progress(50) == pytest.approx(0.5)  # the step cap is further than the time
 

@@ -27,17 +27,22 @@ def _python(code: str, **env: str) -> str:
 
 def test_the_default_rule(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert default_threads(1) == 1 and default_threads(2) == 1 and default_threads(8) == 7
+    assert default_threads(1) == 1 and default_threads(2) == 2 and default_threads(8) == 8
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice wins over the rule
     assert default_threads(2) == 3
 
 
 def test_set_before_torch_loads_and_an_explicit_value_wins():
-    code = "from diffusion_policy.threads import configure_threads; import sys; n = configure_threads({}); import torch, os; print(n, torch.get_num_threads(), os.environ['OMP_NUM_THREADS'], 'torch' in sys.modules)"  # fmt: skip
-    expected = default_threads(os.cpu_count())
-    assert _python(code.format("None")) == f"{expected} {expected} {expected} True"
-    explicit = 2 if expected != 2 else 1  # not the default, and at most the cores torch allows
-    assert _python(code.format(explicit)) == f"{explicit} {explicit} {explicit} True"
+    code = "from diffusion_policy.threads import configure_threads; import sys; n = configure_threads({}); import torch, os; print(n, torch.get_num_threads(), os.environ['OMP_NUM_THREADS'], os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)"  # fmt: skip
+    expected = os.cpu_count() or 1  # the rule in a process without OMP_NUM_THREADS
+    assert _python(code.format("None")) == f"{expected} {expected} {expected} PASSIVE True"
+    explicit = 1 if expected != 1 else 2  # not the default
+    assert _python(code.format(explicit)) == f"{explicit} {explicit} {explicit} PASSIVE True"
+    # the user's own settings win over the default
+    assert (
+        _python(code.format("None"), OMP_NUM_THREADS="1", OMP_WAIT_POLICY="ACTIVE")
+        == "1 1 1 ACTIVE True"
+    )
 
 
 def test_after_torch_loads_it_sets_torch_threads():

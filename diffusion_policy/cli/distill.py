@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from diffusion_policy.policies.sampler_names import SPACINGS
+from diffusion_policy.threads import THREADS_HELP
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=0,
-        help="torch CPU threads (0 = the measured default: 1 on 2 cores, else all but one; a set OMP_NUM_THREADS replaces that default)",
+        help=THREADS_HELP,
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace a run already in --out (deletes it)"

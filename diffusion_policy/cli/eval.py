@@ -7,6 +7,7 @@ import argparse
 import os
 
 from diffusion_policy.cli.sampler_options import add_sampler_arguments
+from diffusion_policy.threads import THREADS_HELP
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=0,
-        help="torch CPU threads (0 = the measured default: 1 on 2 cores, else all but one; a set OMP_NUM_THREADS replaces that default)",
+        help=THREADS_HELP,
     )
     add_sampler_arguments(parser)
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")

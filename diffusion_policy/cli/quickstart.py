@@ -12,6 +12,7 @@ import argparse
 from pathlib import Path
 
 from diffusion_policy.errors import DataError
+from diffusion_policy.threads import THREADS_HELP
 
 HUMAN = Path("datasets/pusht/pusht_cchi_v7_replay.zarr")
 EXPERT = Path("datasets/pusht_expert/pusht_expert.zarr")
@@ -69,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=0,
-        help="torch CPU threads (0 = the measured default: 1 on 2 cores, else all but one; a set OMP_NUM_THREADS replaces that default)",
+        help=THREADS_HELP,
     )
     parser.add_argument("overrides", nargs="*", help="extra key=value config overrides")
 

@@ -8,6 +8,7 @@ import os
 from diffusion_policy.cli.sampler_options import add_sampler_arguments
 from diffusion_policy.errors import UserError
 from diffusion_policy.serving.protocol import ServeConfig
+from diffusion_policy.threads import THREADS_HELP
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=0,
-        help="torch CPU threads (0 = the measured default: 1 on 2 cores, else all but one; a set OMP_NUM_THREADS replaces that default)",
+        help=THREADS_HELP,
     )
     parser.add_argument("--no-warmup", action="store_true", help="skip the warmup forward pass")
     parser.add_argument(

@@ -12,7 +12,7 @@ BUDGET_HELP = (
     "for the final evaluation, so the schedule always ends in the budget; the steps reached depend on "
     "the machine, so such a run is not bit-for-bit reproducible across machines (a step-based run, "
     "train.budget_min=null train.max_steps=N, is). --resume of a budgeted run continues from the time "
-    "used at its latest checkpoint. Threads: train.num_threads (0 = 1 on 2 cores, else all but one; "
+    "used at its latest checkpoint. Threads: train.num_threads (0 = every core with OMP_WAIT_POLICY=PASSIVE; "
     "a set OMP_NUM_THREADS replaces that default)."
 )
 

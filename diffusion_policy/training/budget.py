@@ -43,8 +43,9 @@ class Budget:
         self.t0 = clock()
 
     def resume(self, used_s: float) -> None:
-        """Continue a run that had already used `used_s` seconds of its budget."""
-        self.before_s, self.t0 = used_s, self.clock()
+        """Continue a run that had already used `used_s` seconds of its budget (by its latest
+        checkpoint): this session's time counts on top, from this Budget's creation."""
+        self.before_s = used_s
 
     def used_s(self) -> float:
         return self.before_s + self.clock() - self.t0

@@ -65,15 +65,17 @@ def train(
     device = pick_device(t.device, d)
     torch.set_num_threads(t.num_threads or default_threads())
     run_dir = resume_run_dir(resume) if resume else check_fresh(default_run_dir(cfg), overwrite)
+    budget = make_budget(t, c.final_eval, clock)  # from here: building the run counts too
+    if budget is not None and d.world > 1:  # each rank's clock would give its own lr
+        raise ConfigError("train.budget_min is for one process: with torchrun set train.max_steps")
     seed_everything(t.seed + d.rank)
     run = build(cfg, d, device)
     check_offline(run)
-    budget = make_budget(t, c.final_eval, clock)
     if budget is not None:  # before restoring, which loads the schedule's state into it
         run.learner.lr_sched = budget_lr_schedule(run.learner.optimizer, t, budget)
     ckpt = Checkpointer(run_dir, run, c.keep_best, d.main, best_by(cfg))
     step = ckpt.restore() if resume else ckpt.start(overwrite)
-    if budget is not None:
+    if budget is not None and resume:
         budget.resume(float(ckpt.restored_meta.get("budget_used_s", 0.0)))
     if d.main:
         print(run.describe(run_dir) + (budget.describe() if budget else ""))
