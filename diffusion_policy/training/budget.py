@@ -68,7 +68,7 @@ class Budget:
 
     def report(self, step: int) -> str:
         m = self.summary(step)
-        return (f"budget {m['budget/minutes']:g} min, {m['budget/used_min']:.1f} used for training, "
+        return (f"budget {m['budget/minutes']:g} min, {m['budget/used_min']:.1f} used (the evaluation too), "
                 f"{m['budget/it_s']:.2f} it/s")  # fmt: skip
 
     def summary(self, step: int) -> dict[str, Any]:
