@@ -284,7 +284,7 @@ class TrainConfig:
     # null = on where it applies (CUDA, one process, a graph_safe policy), else off
     cuda_graph: bool | None = None
     compile: bool = False  # torch.compile the denoiser (fused kernels; minutes of compiling first)
-    num_threads: int = 0  # torch intra-op threads on CPU; 0 = torch default
+    num_threads: int = 0  # torch intra-op threads on CPU; 0 = the measured default (threads.py)
     progress: bool = True
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
