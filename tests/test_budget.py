@@ -164,4 +164,4 @@ def test_quickstart_minutes_sets_the_budget(pusht_zarr, monkeypatch):
     assert main(["quickstart", "--data", str(pusht_zarr), "--preset", "pusht_diffusion_state_cpu", "--minutes", "12"]) == 0  # fmt: skip
     assert seen[0].train.budget_min == 12 and seen[0].train.budget_eval_min == 5
     assert main(["quickstart", "--data", str(pusht_zarr), "--preset", "pusht_diffusion_state_cpu"]) == 0  # fmt: skip
-    assert seen[1].train.budget_min == 55 and seen[1].train.max_steps is None
+    assert seen[1].train.budget_min == 55 and seen[1].train.max_steps == 12000
