@@ -178,7 +178,7 @@ def their_dataset(zarr: Path, obs_type: str, episodes: np.ndarray, python: Path)
     Frames are stored as images (PNG inside the parquet files), not video: lerobot 0.4.4 decodes video
     with torchcodec (which must match torch and find FFmpeg libraries) or torchvision.io.VideoReader
     (gone from the torchvision that imports beside torch 2.14), and neither works in this venv."""
-    from diffusion_policy.data.datasets import pusht_frames
+    from diffusion_policy.data.pusht_format import pusht_frames
     from diffusion_policy.data.replay_buffer import ReplayBuffer
 
     kind = "keypoints" if obs_type == "keypoints" else "image"

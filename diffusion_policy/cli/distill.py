@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from diffusion_policy.cli.options import add_threads_argument
 from diffusion_policy.policies.sampler_names import SPACINGS
-from diffusion_policy.threads import THREADS_HELP
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,12 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=0,
-        help=THREADS_HELP,
-    )
+    add_threads_argument(parser)
     parser.add_argument(
         "--overwrite", action="store_true", help="replace a run already in --out (deletes it)"
     )

@@ -6,8 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from diffusion_policy.cli.sampler_options import add_sampler_arguments
-from diffusion_policy.threads import THREADS_HELP
+from diffusion_policy.cli.options import add_sampler_arguments, add_threads_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,12 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="step envs in-process (SyncVectorEnv) instead of worker processes",
     )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=0,
-        help=THREADS_HELP,
-    )
+    add_threads_argument(parser)
     add_sampler_arguments(parser)
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     parser.add_argument(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from diffusion_policy.cli.sampler_options import add_spacing_argument
+from diffusion_policy.cli.options import add_spacing_argument
 from diffusion_policy.errors import UserError
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from diffusion_policy.cli.options import add_threads_argument
 from diffusion_policy.errors import DataError
-from diffusion_policy.threads import THREADS_HELP
 
 HUMAN = Path("datasets/pusht/pusht_cchi_v7_replay.zarr")
 EXPERT = Path("datasets/pusht_expert/pusht_expert.zarr")
@@ -66,12 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "in the budget on any machine, and the steps it reaches (and so its score) depend on the "
         "machine's speed. Not bit-for-bit reproducible across machines",
     )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=0,
-        help=THREADS_HELP,
-    )
+    add_threads_argument(parser)
     parser.add_argument("overrides", nargs="*", help="extra key=value config overrides")
 
 

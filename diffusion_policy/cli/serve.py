@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from diffusion_policy.cli.sampler_options import add_sampler_arguments
+from diffusion_policy.cli.options import add_sampler_arguments, add_threads_argument
 from diffusion_policy.errors import UserError
 from diffusion_policy.serving.protocol import ServeConfig
-from diffusion_policy.threads import THREADS_HELP
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,12 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.max_message_bytes,
         help="largest request accepted (closes with 1009 above)",
     )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=0,
-        help=THREADS_HELP,
-    )
+    add_threads_argument(parser)
     parser.add_argument("--no-warmup", action="store_true", help="skip the warmup forward pass")
     parser.add_argument(
         "--seed", type=int, default=d.seed, help="noise seed for requests that carry none"
@@ -146,17 +140,15 @@ def run(args: argparse.Namespace) -> int:
     log.info(
         "stopped after %d requests (%d errors)", server.stats["requests"], server.stats["errors"]
     )
-    del (
-        server
-    )  # freed now, built kernels are cheap to drop; left to interpreter exit they take seconds
+    # freed now, built kernels are cheap to drop; left to interpreter exit they take seconds
+    del server
     gc.collect()
     return 0
 
 
 def _build_server(args: argparse.Namespace):
-
     from diffusion_policy.checkpoint import load_policy, resolve_checkpoint
-    from diffusion_policy.cli.sampler_options import apply_sampler_arguments
+    from diffusion_policy.cli.options import apply_sampler_arguments
     from diffusion_policy.serving.server import PolicyServer, log
 
     log.info("loading %s", args.checkpoint)

@@ -59,6 +59,16 @@ def _gather(frames: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return frames.index_select(0, t.reshape(-1)).reshape(*t.shape, *frames.shape[1:])
 
 
+def _resolve(device: str | torch.device) -> torch.device:
+    """`device` with its index filled in ("cuda" -> "cuda:<current>"), so `_Frames` keys match."""
+    d = torch.device(device)
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if d.type == "cuda" and d.index is None
+        else d
+    )
+
+
 class _Frames:
     """Frames shared by train and val views; one torch copy per device, so `.to()` never duplicates."""
 
@@ -133,9 +143,7 @@ class ReplayDataset:
 
     def to(self, device: str | torch.device) -> ReplayDataset:
         """Make every frame and the window table resident on `device` (in place; returns self)."""
-        self._device = torch.device(device)
-        if self._device.type == "cuda" and self._device.index is None:
-            self._device = torch.device("cuda", torch.cuda.current_device())
+        self._device = _resolve(device)
         self._frames.on(self._device)
         self._windows = self._windows.to(self._device)
         return self
@@ -200,9 +208,7 @@ class OnDiskDataset(ReplayDataset):
 
     def to(self, device: str | torch.device) -> OnDiskDataset:
         """Put the window table on `device` (batches are copied there); frames stay where they are."""
-        self._device = torch.device(device)
-        if self._device.type == "cuda" and self._device.index is None:
-            self._device = torch.device("cuda", torch.cuda.current_device())
+        self._device = _resolve(device)
         self._windows = self._windows.to(self._device)
         return self
 
@@ -285,9 +291,10 @@ def make_datasets(
     memory; `on_disk`: camera frames stay in the store and are read per batch (OnDiskDataset)."""
     if val_episodes not in VAL_EPISODES:
         raise ValueError(f"val_episodes must be one of {VAL_EPISODES}, got {val_episodes!r}")
-    check_spec(ReplayBuffer.open(path, "r", keys=[]), spec)  # spec problems name the spec key
     # Open on disk and convert block by block: pixels never exist in RAM as float32 (2.8 GB).
-    buffer = ReplayBuffer.open(path, "r", keys=spec.store_keys())
+    buffer = ReplayBuffer.open(path, "r", keys=[])
+    check_spec(buffer, spec)  # spec problems name the spec key, before the store's own checks
+    buffer._check_structure(chunk_keys=spec.store_keys())  # chunk files of the keys we read
     val_mask = get_val_mask(buffer.n_episodes, val_ratio, split_seed)
     train_mask = downsample_mask(~val_mask, max_train_episodes, split_seed)
     cls = OnDiskDataset if on_disk else ReplayDataset

@@ -84,7 +84,7 @@ def make_manifest(path: str | Path, name: str, url: str, rel_path: str) -> dict:
         "n_episodes": buf.n_episodes,
         "n_steps": buf.n_steps,
         "digest": "sha256(C-contiguous bytes + '|' + dtype.str + '|' + comma-separated shape)",
-        "arrays": store_digests(path),
+        "arrays": buffer_digests(buf),
     }
 
 

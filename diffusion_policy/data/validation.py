@@ -42,7 +42,7 @@ def check_store(
     problems = validate(path, visit=digester)
     if problems:
         return StoreReport(problems)
-    buf = ReplayBuffer.open(path, "r")
+    buf = ReplayBuffer.open(path, "r", keys=[])  # validate checked every chunk file already
     report = StoreReport(notes=[f"store     {buf.n_episodes} episodes, {buf.n_steps} steps"])
     manifest = manifest or known_manifest(path)
     if manifest is not None:

@@ -262,11 +262,10 @@ def _eval_config(ecfg: Any, opts: EvalOptions) -> Any:
 
 
 def _apply_sampler(policy: Any, opts: EvalOptions) -> None:
-    if not hasattr(policy, "set_sampler"):  # not a diffusion policy: nothing to choose
-        return
-    if opts.sampler or opts.inference_steps or opts.timestep_spacing:
-        policy.set_sampler(opts.sampler, opts.inference_steps, opts.timestep_spacing)
-    policy.set_inference_backend(opts.backend)
+    """The sampler flags of `opts`, through the policy contract (as `dp serve` applies its own)."""
+    policy.configure_sampler(
+        opts.sampler, opts.inference_steps, opts.timestep_spacing, opts.backend
+    )
 
 
 def _through_server(cfg, ecfg, out, opts, seed, info, checkpoint) -> dict[str, Any]:

@@ -10,6 +10,9 @@ from typing import Any
 
 import numpy as np
 
+# an episode succeeds once the T covers more than this fraction of the goal (reward 1 from here)
+SUCCESS_COVERAGE = 0.95
+
 
 def _interval(values: np.ndarray) -> list[float]:
     """95% normal-approximation confidence interval of a mean of values in [0, 1]."""

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from diffusion_policy.chunking import RealtimeController, as_obs_dict
-from diffusion_policy.evaluation.metrics import finish_metrics, summarize
+from diffusion_policy.evaluation.metrics import SUCCESS_COVERAGE, finish_metrics, summarize
 from diffusion_policy.evaluation.rollout import EvalError, make_env, video_path
 
 Planner = Callable[[dict[str, np.ndarray]], np.ndarray]  # obs {key: (To, ...)} -> actions (Ta, Da)
@@ -62,7 +62,7 @@ def run_episode_realtime(
         steps += 1
         max_reward = max(max_reward, float(reward))
         final_cov = float(info["coverage"])
-        success |= final_cov > 0.95
+        success |= final_cov > SUCCESS_COVERAGE
         if terminated or truncated:
             break
     return {

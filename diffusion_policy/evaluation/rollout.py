@@ -22,7 +22,7 @@ from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
 from diffusion_policy.chunking import ObsHistory, as_obs_dict
 from diffusion_policy.config import EvalConfig, TaskConfig
 from diffusion_policy.errors import UserError
-from diffusion_policy.evaluation.metrics import finish_metrics, summarize
+from diffusion_policy.evaluation.metrics import SUCCESS_COVERAGE, finish_metrics, summarize
 
 
 class EvalError(UserError, RuntimeError):
@@ -271,7 +271,7 @@ def _run_wave(
             live = ~done
             max_reward[live] = np.maximum(max_reward[live], reward[live])
             cov = np.asarray(info["coverage"], dtype=float)
-            success[live] |= cov[live] > 0.95
+            success[live] |= cov[live] > SUCCESS_COVERAGE
             final_cov[live] = cov[live]
             steps[live] += 1
             done |= terminated | truncated
@@ -336,8 +336,9 @@ def check_server(meta: dict[str, Any], cfg: Any, checkpoint: str) -> None:
     or observes something else than this checkpoint's task, naming both."""
     from diffusion_policy.checkpoint import resolve_checkpoint
     from diffusion_policy.serving.protocol import checkpoint_digest
+    from diffusion_policy.serving.server import obs_type_of
 
-    mine_obs = None if cfg.task.obs else cfg.task.obs_type  # a declared task has no obs_type
+    mine_obs = obs_type_of(cfg.task)  # what the server's metadata says of the same task
     if meta.get("task", {}).get("obs_type") != mine_obs:
         raise UserError(
             f"the server's policy observes {meta.get('task', {}).get('obs_type')!r}, but {checkpoint} "

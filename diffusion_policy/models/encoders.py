@@ -118,9 +118,7 @@ class ObsEncoder(nn.Module):
 def image_encoder_for(cfg: EncoderConfig, spec: ObsSpec, key: str) -> nn.Module:
     """The encoder of one camera: its own resize and crop where the task declares them, else the
     policy's (policy.encoder.resize_shape / crop_shape)."""
-    resize = spec.resize or cfg.resize_shape
-    crop = spec.crop or cfg.crop_shape
-    return build_image_encoder(cfg, spec.shape, key=key, resize=resize, crop=crop)
+    return build_image_encoder(cfg, spec.shape, key=key, resize=spec.resize, crop=spec.crop)
 
 
 def build_image_encoder(

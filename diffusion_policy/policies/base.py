@@ -133,6 +133,16 @@ class Policy(nn.Module, ABC):
             )
         self.inference_backend = backend
 
+    def configure_sampler(
+        self,
+        sampler: str | None = None,
+        steps: int | None = None,
+        spacing: str | None = None,
+        backend: str = "auto",
+    ) -> None:
+        """The sampler options of `dp eval`/`dp serve` (None: keep the checkpoint's). A policy
+        without a diffusion sampler (IBC) has nothing to configure and ignores them."""
+
     def builds_per_batch_size(self) -> bool:
         """True when the active backend builds a kernel per batch size (a trace, a CUDA graph).
 

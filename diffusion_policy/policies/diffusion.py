@@ -138,6 +138,17 @@ class DiffusionPolicy(Policy):
         self.inference_backend = "eager"
         self._fast: FastSampler | None = None
 
+    def configure_sampler(
+        self,
+        sampler: str | None = None,
+        steps: int | None = None,
+        spacing: str | None = None,
+        backend: str = "auto",
+    ) -> None:
+        if sampler or steps or spacing:
+            self.set_sampler(sampler, steps, spacing)
+        self.set_inference_backend(backend)
+
     def set_sampler(
         self,
         kind: str | None = None,

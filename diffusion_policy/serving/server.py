@@ -146,10 +146,9 @@ def parse_request(
     missing = [k for k in obs_meta if k not in msg]
     if missing:
         raise RequestError(f"observation is missing key(s) {missing} (expected {list(obs_meta)})")
-    request_id = msg.get("request_id")
-    if request_id is not None and _valid_request_id(request_id) is None:
+    request_id = _valid_request_id(msg.get("request_id"))
+    if request_id is None and msg.get("request_id") is not None:
         raise RequestError("request_id must be a string of at most 256 characters or an int")
-    request_id = _valid_request_id(request_id)
     seed = msg.get("seed")
     if seed is not None:
         if (

@@ -215,7 +215,7 @@ def build_run(cfg: Config, d: Dist, device: str) -> Run:
         )
     global_batch = t.batch_size * d.world
     steps_per_epoch = max(1, len(train_ds) // global_batch)
-    total_steps = t.max_steps if t.max_steps is not None else t.num_epochs * steps_per_epoch
+    total_steps = _max_steps(cfg, len(train_ds), global_batch)
     use_graph = _use_cuda_graph(cfg, policy, device, d)
     if t.compile:
         policy.model.compile()  # in place: parameter names (and checkpoints) stay the same

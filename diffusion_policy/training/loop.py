@@ -24,7 +24,7 @@ import torch.distributed as dist
 from diffusion_policy.config import Config, TrainConfig, to_dict
 from diffusion_policy.errors import ConfigError, UserError
 from diffusion_policy.evaluation.rollout import EvalError
-from diffusion_policy.threads import default_threads
+from diffusion_policy.threads import configure_threads
 from diffusion_policy.training.budget import Clock, budget_lr_schedule, make_budget
 from diffusion_policy.training.build import (
     Dist,
@@ -63,7 +63,7 @@ def train(
     t, c = cfg.train, cfg.train.cadence
     d = init_distributed(t.device)
     device = pick_device(t.device, d)
-    torch.set_num_threads(t.num_threads or default_threads())
+    configure_threads(t.num_threads)  # torch is loaded: this sets its threads
     run_dir = resume_run_dir(resume) if resume else check_fresh(default_run_dir(cfg), overwrite)
     budget = make_budget(t, c.final_eval, clock)  # from here: building the run counts too
     if budget is not None and d.world > 1:  # each rank's clock would give its own lr

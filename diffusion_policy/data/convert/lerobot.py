@@ -584,15 +584,13 @@ def export_lerobot(
     Built at OUT.partial and renamed when complete. `fps` defaults to the store's (a converted
     LeRobot store records it); `task` to the converted store's per-episode tasks, else "".
     """
-    import zarr
-
     store, out = Path(store), Path(out)
     if out.exists():
         raise DataError(f"{out}: already exists; remove it first or pick a new path")
     if vcodec not in CODEC_NAMES:
         raise DataError(f"unknown video codec {vcodec!r} (choose from {sorted(CODEC_NAMES)})")
     buf = ReplayBuffer.open(store, "r")
-    attrs = dict(zarr.open_group(str(store), mode="r").attrs.get("lerobot", {}))
+    attrs = dict(buf._group.attrs.get("lerobot", {}))
     fps = fps or attrs.get("fps")
     if not fps or int(fps) != fps or fps <= 0:
         raise DataError(f"{store}: frame rate unknown; pass --fps (a positive integer)")

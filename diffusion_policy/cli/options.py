@@ -1,10 +1,11 @@
-"""The sampler options shared by `dp eval`, `dp serve`, `dp export` and the benchmarks."""
+"""Options several `dp` verbs share: the sampler (eval, serve, export) and the CPU threads."""
 
 from __future__ import annotations
 
 import argparse
 
 from diffusion_policy.policies.sampler_names import BACKENDS, SAMPLERS, SPACINGS
+from diffusion_policy.threads import THREADS_HELP
 
 
 def add_spacing_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
@@ -33,9 +34,12 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def apply_sampler_arguments(policy, args: argparse.Namespace) -> None:
-    """Apply the options of add_sampler_arguments to a loaded policy (diffusion policies only)."""
-    if not hasattr(policy, "set_sampler"):
-        return
-    if args.sampler or args.inference_steps or args.timestep_spacing:
-        policy.set_sampler(args.sampler, args.inference_steps, args.timestep_spacing)
-    policy.set_inference_backend(args.backend)
+    """Apply the options of add_sampler_arguments to a loaded policy (its contract's configure_sampler)."""
+    policy.configure_sampler(
+        args.sampler, args.inference_steps, args.timestep_spacing, args.backend
+    )
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """--threads N (0: the measured default, see diffusion_policy/threads.py)."""
+    parser.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
