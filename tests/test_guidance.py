@@ -242,3 +242,28 @@ def test_bad_plan_arguments_get_one_config_error_naming_them(kw, match) -> None:
     args = {"guidance": "rtc", "prefix": torch.zeros(B, P, DA), **kw}
     with pytest.raises(ConfigError, match=match):
         plan_chunk(policy, OBS, **args)
+
+
+def test_server_runs_guided_requests_alone_and_batches_the_rest() -> None:
+    from diffusion_policy.serving.server import InferenceEngine, InferenceRequest
+
+    policy = gaussian_policy("ddim", "epsilon", 10)
+    engine = InferenceEngine(policy, seed=0, max_batch=8)
+    one = {"state": np.zeros((1, TO, 1), np.float32)}
+    y = policy.model.draw(1, 7)[:, TO - 1 : TO - 1 + P]
+    prefix = policy.normalizer.unnormalize("action", y).numpy()
+    plain = [InferenceRequest(one, rows=1, batched=False, seed=s) for s in (1, 2)]
+    guided = InferenceRequest(one, 1, False, seed=3, prefix=prefix, delay=D, guidance="rtc")
+    unused = InferenceRequest(one, 1, False, seed=4, prefix=prefix, delay=D, guidance="none")
+    out = engine.run([plain[0], guided, plain[1], unused])
+    assert [r.batch_size for r in out] == [3, 1, 3, 3]
+    want = plan_chunk(
+        policy,
+        {"state": torch.from_numpy(one["state"])},
+        generator=torch.Generator().manual_seed(3),
+        prefix=torch.from_numpy(prefix),
+        delay=D,
+        guidance="rtc",
+    )["action_pred"]
+    np.testing.assert_allclose(out[1].action_pred, want.numpy(), atol=1e-5)
+    assert engine.plan_limits.guidances == ("none", "rtc", "bid")
