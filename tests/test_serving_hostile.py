@@ -420,3 +420,78 @@ def test_dp_eval_refuses_a_server_that_serves_another_checkpoint(run_dir, capsys
         assert "serves another checkpoint" in err and str(served) in err and str(other) in err
     finally:
         assert srv.stop() == 0
+
+
+# --- issue 14: the planning fields (prefix, delay, guidance, n_samples) ----------------------------
+
+
+def test_planning_fields_are_checked_naming_the_field_and_guided_requests_are_answered(
+    server, run_dir
+) -> None:
+    import torch
+
+    from diffusion_policy.checkpoint import load_policy
+    from diffusion_policy.policies.guidance import plan_chunk
+
+    prefix = np.linspace(100, 300, 16, dtype=np.float32).reshape(8, 2)
+    obs, batch = make_obs(3), make_obs(3, batch=3)
+    nan = prefix.copy()
+    nan[2, 1] = np.nan
+    bad = [
+        (
+            {**obs, "prefix": prefix[:, :1]},
+            "prefix has shape (8, 1), expected (P, Da) or (1, P, Da) with Da=2",
+        ),
+        ({**obs, "prefix": np.zeros((16, 2), np.float32)}, "P=16"),
+        (
+            {**obs, "prefix": prefix, "delay": 14},
+            "delay=14: must be an int in [0, horizon - n_obs_steps = 14)",
+        ),
+        ({**obs, "prefix": prefix[:2], "delay": 3}, "need delay=3 <= P"),
+        ({**obs, "prefix": prefix, "delay": "3"}, "delay='3'"),
+        ({**obs, "prefix": prefix, "guidance": "magic"}, "guidance='magic'"),
+        ({**obs, "prefix": prefix, "guidance": "bid", "n_samples": 1000}, "n_samples=1000"),
+        ({**obs, "prefix": nan, "guidance": "rtc"}, "prefix contains NaN or Inf"),
+        ({**obs, "prefix": [1.0, 2.0]}, "prefix must be a float array"),
+        ({**batch, "prefix": np.zeros((2, 8, 2), np.float32)}, "expected (B=3, P, Da)"),
+        ({**batch, "prefix": prefix}, "expected (B=3, P, Da)"),
+    ]
+    with GoodClient(server.url, token=TOKEN) as good, hostile_ws(server.url) as ws:
+        for msg, reason in bad:
+            ws.send(packb({**msg, "request_id": "p"}))
+            reply = ws.recv(timeout=30)
+            assert isinstance(reply, str) and reason in reply, (reason, reply[:300])
+            assert reply.startswith("error: request 'p': ") and "\n" not in reply
+        done_before = good.done
+        ws.send(packb({**obs, "prefix": prefix, "delay": 2, "guidance": "rtc", "seed": 5}))
+        rtc = unpackb(ws.recv(timeout=60))
+        ws.send(
+            packb(
+                {
+                    **batch,
+                    "prefix": np.stack([prefix] * 3),
+                    "delay": 1,
+                    "guidance": "bid",
+                    "n_samples": 4,
+                }
+            )
+        )
+        bid = unpackb(ws.recv(timeout=60))
+    assert good.done >= done_before
+    assert rtc["actions"].shape == (8, 2) and bid["actions"].shape == (3, 8, 2)
+    policy = load_policy(run_dir / "checkpoints" / "latest")[0]
+    want = plan_chunk(
+        policy,
+        {"keypoints": torch.from_numpy(obs["keypoints"][None])},
+        generator=torch.Generator().manual_seed(5),
+        prefix=torch.from_numpy(prefix[None]),
+        delay=2,
+        guidance="rtc",
+    )["action_pred"][0].numpy()
+    np.testing.assert_allclose(rtc["action_pred"], want, rtol=0, atol=2e-3)
+
+
+def test_metadata_says_which_guidances_the_policy_supports(server) -> None:
+    with PolicyClient(server.url, token=TOKEN) as client:
+        m = client.metadata
+    assert m["guidances"] == ["none", "rtc", "bid"] and m["max_samples"] == 64

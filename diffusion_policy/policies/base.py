@@ -125,6 +125,12 @@ class Policy(nn.Module, ABC):
 
     inference_backend: str = "eager"
 
+    def guidances(self) -> tuple[str, ...]:
+        """What `guidance.plan_chunk` may do with this policy given the executing plan's prefix:
+        "none" (plain chunks), "bid" (best of N samples: any stochastic policy), "rtc" (guided
+        inpainting: needs a differentiable denoiser). The base policy claims plain chunks only."""
+        return ("none",)
+
     def set_inference_backend(self, backend: str) -> None:
         """Choose how chunks are computed (one of `inference_backends()`)."""
         if backend not in self.inference_backends():

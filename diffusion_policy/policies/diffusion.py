@@ -7,6 +7,7 @@ Sampling: start from noise and run a diffusers scheduler (DDPM or DDIM) loop wri
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -204,6 +205,10 @@ class DiffusionPolicy(Policy):
     def inference_backends(self) -> tuple[str, ...]:
         return BACKENDS
 
+    def guidances(self) -> tuple[str, ...]:
+        # rtc differentiates through the UNet in the eager loop, whatever the backend
+        return ("none", "rtc", "bid")
+
     def _active_backend(self) -> str:
         """The backend chunks really run on: auto resolved for the device; DDPM always eager."""
         if self.sampler_kind != "ddim" or self.inference_backend == "eager":
@@ -280,8 +285,12 @@ class DiffusionPolicy(Policy):
         cond: torch.Tensor,
         generator: torch.Generator | None = None,
         noise: torch.Tensor | None = None,
+        guide: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Reverse diffusion from noise (B, T, Da); deterministic given `generator` or `noise`."""
+        """Reverse diffusion from noise (B, T, Da); deterministic given `generator` or `noise`.
+
+        `guide(x_t, t)`, when given, replaces the model's output at every step (guidance.RTCGuide).
+        """
         shape = (cond.shape[0], self.config.horizon, self.shape_meta.action_dim)
         if noise is None:
             noise = torch.randn(
@@ -292,7 +301,7 @@ class DiffusionPolicy(Policy):
         x = noise.to(device=cond.device, dtype=cond.dtype)
         self.sampler.set_timesteps(self.num_inference_steps, device=cond.device)
         for t in self.sampler.timesteps:
-            out = self.model(x, t, cond)
+            out = self.model(x, t, cond) if guide is None else guide(x, t)
             x = self.sampler.step(out, t, x, generator=generator).prev_sample
         return x
 

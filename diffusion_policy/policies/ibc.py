@@ -449,6 +449,10 @@ class IBCPolicy(Policy):
     def sampler_settings(self) -> dict[str, Any]:
         return {**super().sampler_settings(), "inference": self.config.inference}
 
+    def guidances(self) -> tuple[str, ...]:
+        # stochastic given the generator, so best-of-N works; no denoiser to guide (no rtc)
+        return ("none", "bid")
+
     @torch.no_grad()
     def predict_action_chunk(
         self,

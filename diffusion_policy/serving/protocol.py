@@ -12,7 +12,11 @@ Session (one connection):
   1. server -> client: metadata (binary), see `PROTOCOL_VERSION` and `server.PolicyServer.metadata`.
   2. client -> server: request {obs_key: array, ..., "request_id"?: str | int, "seed"?: int}.
      One robot sends (To, ...) per key and gets actions (Ta, Da); a batch sends (B, To, ...) and gets
-     (B, Ta, Da). Every key must use the same form.
+     (B, Ta, Da). Every key must use the same form. Latency-aware planning (issue 14) adds, all
+     optional: "prefix": (P, Da) or (B, P, Da) float, the executing plan's actions from the newest
+     observation's tick on; "delay": int d (0 <= d <= P, d < horizon - n_obs_steps), the actions
+     that execute before this chunk arrives; "guidance": "none" | "rtc" | "bid" (the metadata's
+     "guidances" says which this policy supports); "n_samples": int, bid's candidates per row.
   3. server -> client: reply {"actions", "action_pred", "infer_ms", "server_ms", "batch_size",
      "request_id"?} or a text frame "error: <reason>". Requests on one connection are answered in
      order, one at a time.
@@ -65,7 +69,7 @@ PROTOCOL_VERSION = 1
 MAX_REQUEST_OBJECTS = 4096
 MAX_ERROR_CHARS = 500  # error texts never echo unbounded input
 # Keys in a request that are not observations.
-RESERVED_KEYS = ("request_id", "seed")
+RESERVED_KEYS = ("request_id", "seed", "prefix", "delay", "guidance", "n_samples")
 _REFUSED_KINDS = ("O", "V", "c")  # object, void (records, raw), complex
 _MAX_NDIM = 32
 

@@ -15,7 +15,9 @@ Speaks the openpi protocol (see protocol.py), so the unmodified openpi client wo
   call with `generator=torch.Generator().manual_seed(seed)` draws it. When the chunk is
   deterministic given that noise (DDIM), seeded requests are batched freely; otherwise (DDPM, IBC) a
   seeded request runs alone with its own generator and unseeded ones are batched on the server's
-  generator. Rows of a batch match the single-request result up to float32 rounding: batched CPU
+  generator. A guided request (a prefix with guidance rtc or bid, see policies/guidance.py) runs
+  alone through `guidance.plan_chunk`, on its seed's generator or the server's; requests with
+  guidance "none" batch as before (their prefix is checked, then unused). Rows of a batch match the single-request result up to float32 rounding: batched CPU
   kernels are not bitwise invariant to batch size (about 1e-6 relative, tests/test_serving.py).
 * A backend that builds per batch size (a traced CPU kernel, a CUDA graph) gets a few sizes, the
   powers of two up to `max_batch` and `max_batch` itself, and each batch is padded up to the next
@@ -56,7 +58,13 @@ from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from diffusion_policy.errors import UserError
+from diffusion_policy.errors import ConfigError, UserError
+from diffusion_policy.policies.guidance import (
+    PlanLimits,
+    check_plan_fields,
+    plan_chunk,
+    supported_guidances,
+)
 from diffusion_policy.serving.protocol import (
     MAX_REQUEST_OBJECTS,
     PROTOCOL_VERSION,
@@ -75,6 +83,7 @@ INLINE_PARSE_BYTES = 64 * 1024  # at most MAX_REQUEST_OBJECTS objects in 64 KiB:
 # An observation further than this many training ranges outside its range is in other units or
 # broken (a keypoint 50,000 px off a 500 px workspace); the policy's answer to it means nothing.
 MAX_OBS_EXCESS = 100.0
+MAX_SAMPLES = 64  # bid candidates per row a request may ask for (rows x this in one pass)
 
 
 class RequestError(ValueError):
@@ -93,6 +102,15 @@ class InferenceRequest:
     seed: int | None = None
     request_id: str | int | None = None
     received: float = 0.0  # perf_counter when the frame arrived
+    prefix: np.ndarray | None = None  # (B, P, Da) float32, the executing plan's actions
+    delay: int = 0
+    guidance: str = "none"
+    n_samples: int = 16
+
+    @property
+    def guided(self) -> bool:
+        """Whether this request needs guidance.plan_chunk (so runs alone)."""
+        return self.guidance != "none" and self.prefix is not None and self.prefix.shape[1] > 0
 
 
 @dataclass
@@ -125,8 +143,12 @@ def parse_request(
     obs_meta: dict[str, dict[str, Any]],
     max_batch: int,
     obs_ranges: dict[str, tuple[float, float]] | None = None,
+    plan: PlanLimits | None = None,
 ) -> InferenceRequest:
     """Check a decoded request against the metadata's obs specs; raise RequestError naming the problem.
+
+    `plan`: what the planning fields (prefix, delay, guidance, n_samples) are checked against;
+    None refuses them.
 
     `obs_ranges` (training min, max per low-dim key): values more than MAX_OBS_EXCESS spans outside
     are refused as absurd (other units, a corrupt sensor), before they reach the policy.
@@ -171,7 +193,44 @@ def parse_request(
                 f"{excess:.3g} times its training range [{lo:.4g}, {hi:.4g}] outside it: "
                 "check its units and scaling"
             )
-    return InferenceRequest(obs, rows=rows, batched=batched, seed=seed, request_id=request_id)
+    req = InferenceRequest(obs, rows=rows, batched=batched, seed=seed, request_id=request_id)
+    return _parse_plan(msg, req, plan)
+
+
+def _parse_plan(msg: dict, req: InferenceRequest, plan: PlanLimits | None) -> InferenceRequest:
+    """The optional planning fields, checked (guidance.check_plan_fields) into `req`."""
+    fields = ("prefix", "delay", "guidance", "n_samples")
+    if not any(k in msg for k in fields):
+        return req
+    if plan is None:
+        raise RequestError(f"this server takes no planning fields {list(fields)}")
+    prefix = msg.get("prefix")
+    if prefix is not None:
+        if not isinstance(prefix, np.ndarray) or prefix.dtype.kind not in "fiu":
+            kind = prefix.dtype if isinstance(prefix, np.ndarray) else type(prefix).__name__
+            raise RequestError(f"prefix must be a float array (P, Da) or (B, P, Da), got {kind}")
+        if prefix.ndim == 2 and not req.batched:
+            prefix = prefix[None]
+        with np.errstate(over="ignore"):
+            prefix = prefix.astype(np.float32)
+        if not np.isfinite(prefix).all():
+            raise RequestError("prefix contains NaN or Inf")
+    want = "(P, Da) or (1, P, Da)" if not req.batched else f"(B={req.rows}, P, Da)"
+    req.prefix = prefix
+    req.delay, req.guidance = msg.get("delay", 0), msg.get("guidance", "none")
+    req.n_samples = msg.get("n_samples", 16)
+    try:
+        shape = None if prefix is None else prefix.shape
+        check_plan_fields(plan, req.rows, shape, req.delay, req.guidance, req.n_samples)
+    except ConfigError as e:
+        text = str(e)
+        if text.startswith("prefix has shape"):
+            text = (
+                f"prefix has shape {msg['prefix'].shape}, expected {want} with Da={plan.action_dim}"
+            )
+        raise RequestError(text) from None
+    req.delay, req.n_samples = int(req.delay), int(req.n_samples)
+    return req
 
 
 def range_excess(x: np.ndarray, lo: float, hi: float) -> float:
@@ -228,6 +287,7 @@ def decode_request(
     obs_meta: dict[str, dict[str, Any]],
     max_batch: int,
     obs_ranges: dict[str, tuple[float, float]] | None = None,
+    plan: PlanLimits | None = None,
 ) -> InferenceRequest:
     """One frame -> a validated request; ProtocolError or RequestError (with the request's id when
     it has a valid one) naming the problem. Bounded work for any frame: runs on any thread."""
@@ -235,7 +295,7 @@ def decode_request(
         raise ProtocolError("text frames are not requests: send a binary msgpack frame")
     msg = unpackb(message, max_objects=MAX_REQUEST_OBJECTS)
     try:
-        return parse_request(msg, obs_meta, max_batch, obs_ranges)
+        return parse_request(msg, obs_meta, max_batch, obs_ranges, plan)
     except RequestError as e:
         e.request_id = _valid_request_id(msg.get("request_id")) if isinstance(msg, dict) else None
         raise
@@ -277,14 +337,25 @@ class InferenceEngine:
         self.sizes = built_batch_sizes(max_batch) if self.per_size else []
         self.ready: set[int] = set(self.sizes)  # until warm-up says otherwise: built on first use
         self.obs_ranges = policy.observation_ranges()
+        pc = policy.config
+        self.plan_limits = PlanLimits(
+            pc.horizon,
+            pc.n_obs_steps,
+            policy.shape_meta.action_dim,
+            supported_guidances(policy),
+            MAX_SAMPLES,
+            type(policy).__name__,
+        )
 
     def run(self, requests: list[InferenceRequest]) -> list[InferenceResult | BaseException]:
         """One call per batch; never raises, a failed group's requests get its exception."""
+        groups = [[r] for r in requests if r.guided]
+        plain = [r for r in requests if not r.guided]
         if self.deterministic:
-            groups = [requests]
+            groups += [plain] if plain else []
         else:
-            groups = [[r] for r in requests if r.seed is not None]
-            unseeded = [r for r in requests if r.seed is None]
+            groups += [[r] for r in plain if r.seed is not None]
+            unseeded = [r for r in plain if r.seed is None]
             if unseeded:
                 groups.append(unseeded)
         out: dict[int, InferenceResult | BaseException] = {}
@@ -335,7 +406,9 @@ class InferenceEngine:
     def _forward(self, group: list[InferenceRequest]) -> list[InferenceResult | BaseException]:
         t0 = time.perf_counter()
         obs = {k: np.concatenate([r.obs[k] for r in group]) for k in group[0].obs}
-        if self.deterministic:
+        if group[0].guided:
+            actions, action_pred = self._plan(group[0])
+        elif self.deterministic:
             actions, action_pred = self._forward_noise(
                 obs, torch.cat([self._noise(r) for r in group])
             )
@@ -355,6 +428,21 @@ class InferenceEngine:
             else:
                 results.append(NonFiniteActions(self.explain_non_finite(r)))
         return results
+
+    def _plan(self, req: InferenceRequest) -> tuple[np.ndarray, np.ndarray]:
+        """A guided request alone (rtc runs the eager loop whatever the backend)."""
+        gen = self.generator if req.seed is None else torch.Generator().manual_seed(req.seed)
+        assert req.prefix is not None
+        out = plan_chunk(
+            self.policy,
+            req.obs,
+            generator=gen,
+            prefix=torch.from_numpy(req.prefix),
+            delay=req.delay,
+            guidance=req.guidance,
+            n_samples=req.n_samples,
+        )
+        return out["action"].float().cpu().numpy(), out["action_pred"].float().cpu().numpy()
 
     def explain_non_finite(self, req: InferenceRequest) -> str:
         """Why a chunk came out NaN/Inf: the obs key farthest outside its training range, if any."""
@@ -634,7 +722,14 @@ class PolicyServer:
         assert self._batcher is not None and self._loop is not None
         received = time.perf_counter()
         self.stats["requests"] += 1
-        args = (message, self.metadata["obs"], self.config.max_batch, self.engine.obs_ranges)
+        engine = self.engine
+        args = (
+            message,
+            self.metadata["obs"],
+            self.config.max_batch,
+            engine.obs_ranges,
+            engine.plan_limits,
+        )
         request: InferenceRequest | None = None
         try:
             if len(message) <= INLINE_PARSE_BYTES:
@@ -875,6 +970,9 @@ def build_metadata(
         "sampler": settings.get("sampler"),
         "num_inference_steps": settings.get("num_inference_steps"),
         "seeded_requests_batched": engine.deterministic,
+        # latency-aware planning (request fields prefix, delay, guidance, n_samples)
+        "guidances": list(engine.plan_limits.guidances),
+        "max_samples": engine.plan_limits.max_samples,
         "max_batch": config.max_batch,
         "max_message_bytes": config.max_message_bytes,
         "checkpoint_step": ckpt_meta.get("step"),
