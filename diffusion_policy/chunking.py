@@ -9,8 +9,8 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 

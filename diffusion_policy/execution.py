@@ -140,9 +140,7 @@ class Strategy:
     decay: float | None = None  # ensembling weight; None: the newest plan wins each tick
     n_samples: int = DEFAULT_BID_SAMPLES
 
-    def request(
-        self, schedule: Schedule, tick: int, delay: int, time_axis: int = 0
-    ) -> PlanRequest:
+    def request(self, schedule: Schedule, tick: int, delay: int, time_axis: int = 0) -> PlanRequest:
         """A plain request; rtc and bid add the executing prefix (see _PrefixStrategy)."""
         return PlanRequest(delay=delay)
 
