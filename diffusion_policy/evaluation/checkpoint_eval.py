@@ -413,7 +413,9 @@ def summary_lines(metrics: dict[str, Any], out: Path) -> list[str]:
 def smoothness_line(ex: dict[str, Any], sm: dict[str, Any]) -> str:
     """'rtc d=4 Ta=8: seam jump mean 3.1 p95 9.0 (95 seams), inside mean 2.0 p95 5.2, 0 stale dropped'."""
     num = lambda x: "n/a" if x is None else f"{x:.3g}"  # noqa: E731
-    head = f"{ex.get('strategy', '?')} d={ex.get('delay', '?')} Ta={ex.get('n_action_steps', '?')}: " if ex else ""  # fmt: skip
+    delay = "wall clock" if ex.get("delay") is None else f"d={ex['delay']}"
+    ta = f" Ta={ex['n_action_steps']}" if ex.get("n_action_steps") else ""
+    head = f"{ex.get('strategy', '?')} {delay}{ta}: " if ex else ""
     holds = f", {sm['hold_ticks']} ticks held" if sm.get("hold_ticks") else ""
     return (
         f"{head}seam jump mean {num(sm['seam_jump_mean'])} p95 {num(sm['seam_jump_p95'])} "

@@ -225,7 +225,7 @@ def evaluate_realtime(
         "replan_every": replan_every,
     }
     name = strategy.name if strategy else ("async" if ensemble_decay is None else "ensemble")
-    metrics["execution"] = {"strategy": name, "delay": "wall clock", "n_action_steps": None}
+    metrics["execution"] = {"strategy": name, "delay": None, "n_action_steps": None}
     metrics["smoothness"] = meter.summary()
     return finish_metrics(metrics, started=t0, seed_start=cfg.seed_start, out=out, info=info)
 
