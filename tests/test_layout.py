@@ -4,7 +4,7 @@
   broken by a local import is still a cycle in the design);
 * `policies/` and `models/` import nothing from `data/` (the contract types live in shapes.py);
 * no library module imports `cli/` (the command line is the outermost layer);
-* the robot side (serving/client.py, serving/protocol.py, chunking.py) imports no torch;
+* the robot side (serving/client.py, serving/protocol.py, chunking.py, execution.py) imports no torch;
 * `envs/` never imports the policy package;
 * no library function is longer than 100 lines, and `train()` is at most 80.
 """
@@ -121,6 +121,7 @@ def test_layer_does_not_import(layer, forbidden):
         "diffusion_policy.serving.client",
         "diffusion_policy.serving.protocol",
         "diffusion_policy.chunking",
+        "diffusion_policy.execution",
     ],
 )
 def test_robot_side_imports_no_torch(module):
@@ -134,6 +135,7 @@ def test_robot_side_imports_no_torch(module):
     assert graph[module] <= {
         "diffusion_policy.serving.protocol",
         "diffusion_policy.chunking",
+        "diffusion_policy.execution",
         "diffusion_policy.errors",
     }, f"{module} imports {graph[module]}"
 

@@ -58,8 +58,55 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="sampling noise seed (default: the checkpoint's train.seed, as the training loop's "
         "own evaluation, so a checkpoint scores the same both ways)",
     )
+    _add_execution_arguments(parser)
     _add_offline_arguments(parser)
     _add_server_arguments(parser)
+
+
+def _add_execution_arguments(parser: argparse.ArgumentParser) -> None:
+    e = parser.add_argument_group(
+        "latency: how chunks are joined under a simulated inference delay (diffusion_policy/execution.py)"
+    )
+    e.add_argument(
+        "--delay",
+        type=int,
+        default=None,
+        metavar="D",
+        help="simulated inference delay in control steps: the env advances D steps with the old "
+        "plan while the new one computes (deterministic, no wall clock; default 0)",
+    )
+    e.add_argument(
+        "--strategy",
+        choices=("sync", "async", "ensemble", "rtc", "bid"),
+        default=None,
+        help="sync: wait for each plan (hold for D steps), the default; async: switch to the new "
+        "plan when it arrives; ensemble: average overlapping plans; rtc: real-time chunking "
+        "(guided inpainting of the executing prefix); bid: best of N by coherence with the prefix",
+    )
+    e.add_argument(
+        "--n-action-steps",
+        "--execute-steps",
+        dest="n_action_steps",
+        type=int,
+        default=None,
+        metavar="TA",
+        help="actions executed per plan (default: the checkpoint's n_action_steps); "
+        "delay + TA must be at most horizon - n_obs_steps + 1",
+    )
+    e.add_argument(
+        "--bid-samples",
+        type=int,
+        default=None,
+        metavar="N",
+        help="bid: candidate chunks per plan (default 16)",
+    )
+    e.add_argument(
+        "--ensemble-decay",
+        type=float,
+        default=None,
+        metavar="M",
+        help="ensemble: weights exp(-M*i), i = 0 the oldest plan (default 0.01, as ACT)",
+    )
 
 
 def _add_offline_arguments(parser: argparse.ArgumentParser) -> None:
@@ -137,6 +184,8 @@ def run(args: argparse.Namespace) -> int:
         timestep_spacing=args.timestep_spacing, backend=args.backend, server=args.server,
         token=args.token, realtime=args.realtime, robots=args.robots, ensemble=args.ensemble,
         replan_every=args.replan_every, offline=args.offline, dataset=args.dataset,
+        delay=args.delay, strategy=args.strategy, n_action_steps=args.n_action_steps,
+        bid_samples=args.bid_samples, ensemble_decay=args.ensemble_decay,
     )  # fmt: skip
     metrics, out = evaluate_checkpoint(args.checkpoint, opts)
     print("\n".join(summary_lines(metrics, out)))

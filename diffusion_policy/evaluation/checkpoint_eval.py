@@ -51,6 +51,11 @@ class EvalOptions:
     replan_every: int | None = None
     offline: bool = False  # validate on demonstrations even where the task has an env
     dataset: str | Path | None = None  # offline: every episode of this store, not the held-out ones
+    delay: int | None = None  # simulated inference delay in control steps (None: 0)
+    strategy: str | None = None  # execution strategy (None: sync; realtime: async)
+    n_action_steps: int | None = None  # actions executed per plan (None: the checkpoint's)
+    bid_samples: int | None = None
+    ensemble_decay: float | None = None
 
     def __post_init__(self) -> None:
         for flag, value, low in (
@@ -62,21 +67,62 @@ class EvalOptions:
             ("--inference-steps", self.inference_steps, 1),
             ("--robots", self.robots, 1),
             ("--replan-every", self.replan_every, 1),
+            ("--delay", self.delay, 0),
+            ("--n-action-steps", self.n_action_steps, 1),
+            ("--bid-samples", self.bid_samples, 1),
         ):
             if value is not None and value < low:
                 hint = " (0: all episodes in one wave)" if flag == "--n-envs" else ""
                 raise UserError(f"{flag} {value}: must be at least {low}{hint}")
-        if self.ensemble is not None and not math.isfinite(self.ensemble):
-            raise UserError(f"--ensemble {self.ensemble}: must be a finite number")
+        for flag, x in (("--ensemble", self.ensemble), ("--ensemble-decay", self.ensemble_decay)):
+            if x is not None and not math.isfinite(x):
+                raise UserError(f"{flag} {x}: must be a finite number")
+        self._check_execution()
         if self.server and (self.sampler or self.inference_steps or self.timestep_spacing):
             raise UserError(
                 "--sampler/--inference-steps/--timestep-spacing apply in-process; pass them to `dp serve`"
             )
 
+    def _check_execution(self) -> None:
+        from diffusion_policy.execution import STRATEGY_NAMES
+
+        if self.strategy is not None and self.strategy not in STRATEGY_NAMES:
+            raise UserError(f"--strategy {self.strategy!r}: expected one of {', '.join(STRATEGY_NAMES)}")  # fmt: skip
+        if self.realtime and (self.delay is not None or self.n_action_steps is not None):
+            flag = "--delay" if self.delay is not None else "--n-action-steps"
+            raise UserError(f"{flag} simulates latency in the controlled-delay evaluation; --realtime measures it on the wall clock: give one of them")  # fmt: skip
+        if self.realtime and self.ensemble is not None and self.strategy not in (None, "ensemble"):
+            raise UserError(f"--ensemble is the ensemble strategy's decay; it does not apply to --strategy {self.strategy}")  # fmt: skip
+        for flag, value, owner in (("--bid-samples", self.bid_samples, "bid"), ("--ensemble-decay", self.ensemble_decay, "ensemble")):  # fmt: skip
+            if value is not None and self.strategy != owner:
+                raise UserError(f"{flag} applies to --strategy {owner}, not {self.strategy or 'the default'}")  # fmt: skip
+
+    def execution_spec(self) -> Any:
+        """The controlled-delay evaluation these options ask for (execution.ExecutionSpec)."""
+        from diffusion_policy.execution import ExecutionSpec
+
+        given = {"strategy": self.strategy, "delay": self.delay, "n_action_steps": self.n_action_steps,
+                 "n_samples": self.bid_samples, "ensemble_decay": self.ensemble_decay}  # fmt: skip
+        return ExecutionSpec(**{k: v for k, v in given.items() if v is not None})
+
+    @property
+    def execution_tag(self) -> str:
+        """'' for the default synchronous evaluation, else e.g. 'rtc-d4', 'bid-d2-ta12-n8'."""
+        spec = self.execution_spec()
+        if self.realtime:
+            return self.strategy or ""
+        if (spec.strategy, spec.delay, spec.n_action_steps) == ("sync", 0, None):
+            return ""
+        tag = f"{spec.strategy}-d{spec.delay}" + (f"-ta{spec.n_action_steps}" if spec.n_action_steps else "")  # fmt: skip
+        tag += f"-n{self.bid_samples}" if self.bid_samples else ""
+        return tag + (f"-m{self.ensemble_decay:g}" if self.ensemble_decay is not None else "")
+
     @property
     def mode(self) -> str:
-        """'', 'server', 'realtime' or 'realtime-server': names the output directory."""
-        return "-".join(m for m in ("realtime" * self.realtime, "server" * bool(self.server)) if m)
+        """'', 'server', 'realtime', 'realtime-server', with the execution tag ('async-d4-server'):
+        names the output directory."""
+        parts = ("realtime" * self.realtime, self.execution_tag, "server" * bool(self.server))
+        return "-".join(m for m in parts if m)
 
 
 def check_device(device: str) -> None:
@@ -140,6 +186,8 @@ def evaluate_checkpoint(checkpoint: str | Path, opts: EvalOptions) -> tuple[dict
     if opts.offline or opts.dataset or not cfg.task.env_id:
         return _offline(path, cfg, opts)
     ecfg = _eval_config(cfg.eval, opts)
+    if not opts.realtime:
+        _check_delay(cfg.policy, opts)
     mode = opts.mode
     out = (
         Path(opts.out)
@@ -153,6 +201,7 @@ def evaluate_checkpoint(checkpoint: str | Path, opts: EvalOptions) -> tuple[dict
         _apply_sampler(policy, opts)
     seed = cfg.train.seed if opts.seed is None else opts.seed
     info = {"checkpoint": str(path), "sampling_seed": seed, "mode": mode or "in-process"}
+    spec = opts.execution_spec()
     if opts.realtime:
         metrics = _realtime(policy, cfg, ecfg, out, opts, seed, info, str(checkpoint))
     elif opts.server:
@@ -160,8 +209,18 @@ def evaluate_checkpoint(checkpoint: str | Path, opts: EvalOptions) -> tuple[dict
     else:
         from diffusion_policy.evaluation.rollout import Actor, evaluate
 
-        metrics = evaluate(Actor(policy, seed=seed), cfg.task, ecfg, out_dir=out, info=info)
+        actor = Actor(policy, seed=seed)
+        metrics = evaluate(actor, cfg.task, ecfg, out_dir=out, info=info, execution=spec)
     return metrics, out
+
+
+def _check_delay(policy_cfg: Any, opts: EvalOptions) -> None:
+    """--delay and --n-action-steps against the checkpoint's horizon, before anything loads."""
+    from diffusion_policy.execution import check_delay
+
+    spec = opts.execution_spec()
+    n_action_steps = spec.n_action_steps or policy_cfg.n_action_steps
+    check_delay(spec.delay, n_action_steps, policy_cfg.horizon, policy_cfg.n_obs_steps)
 
 
 # flags that only rollouts use, with the EvalOptions field each sets
@@ -169,6 +228,8 @@ _ROLLOUT_ONLY = {
     "--seed-start": "seed_start", "--max-steps": "max_steps", "--n-envs": "n_envs",
     "--videos": "videos", "--sync": "sync", "--server": "server", "--realtime": "realtime",
     "--robots": "robots", "--ensemble": "ensemble", "--replan-every": "replan_every",
+    "--delay": "delay", "--strategy": "strategy", "--n-action-steps": "n_action_steps",
+    "--bid-samples": "bid_samples", "--ensemble-decay": "ensemble_decay",
 }  # fmt: skip
 
 
@@ -276,7 +337,8 @@ def _through_server(cfg, ecfg, out, opts, seed, info, checkpoint) -> dict[str, A
         with PolicyClient(opts.server, token=opts.token) as client:
             check_server(client.metadata, cfg, checkpoint)
             actor = RemoteActor(client, seed=seed)
-            return evaluate(actor, cfg.task, ecfg, out_dir=out, info=info)
+            spec = opts.execution_spec()
+            return evaluate(actor, cfg.task, ecfg, out_dir=out, info=info, execution=spec)
     except ClientError as e:  # server down, refused token, bad request: one line
         raise UserError(f"policy server {opts.server}: {e}") from None
 
@@ -306,10 +368,23 @@ def _realtime(policy, cfg, ecfg, out, opts, seed, info, checkpoint) -> dict[str,
             ecfg,
             out,
             n_robots=opts.robots or ecfg.n_envs or min(ecfg.n_episodes, 8),
-            ensemble_decay=opts.ensemble,
+            strategy=_realtime_strategy(opts),
             replan_every=opts.replan_every,
             info=info,
         )
+
+
+def _realtime_strategy(opts: EvalOptions) -> Any:
+    """--strategy for the wall-clock controller: async by default, ensemble with --ensemble M."""
+    from diffusion_policy.execution import DEFAULT_ENSEMBLE_DECAY, make_strategy
+
+    name = opts.strategy or ("ensemble" if opts.ensemble is not None else "async")
+    decay = next((m for m in (opts.ensemble, opts.ensemble_decay) if m is not None), None)
+    return make_strategy(
+        name,
+        ensemble_decay=DEFAULT_ENSEMBLE_DECAY if decay is None else decay,
+        n_samples=opts.bid_samples or 16,
+    )
 
 
 def summary_lines(metrics: dict[str, Any], out: Path) -> list[str]:
@@ -329,8 +404,24 @@ def summary_lines(metrics: dict[str, Any], out: Path) -> list[str]:
             f"p99 {rt['plan_latency_ms_p99']:.1f} ms, {rt['plans']} plans, {rt['dropped_actions']} stale actions dropped, "
             f"{rt['hold_ticks']}/{rt['steps']} ticks held, {rt['late_ticks']} late ticks"
         )
+    if "smoothness" in metrics:
+        lines.append(smoothness_line(metrics.get("execution", {}), metrics["smoothness"]))
     lines.append(f"wrote {out / 'metrics.json'}")
     return lines
+
+
+def smoothness_line(ex: dict[str, Any], sm: dict[str, Any]) -> str:
+    """'rtc d=4 Ta=8: seam jump mean 3.1 p95 9.0 (95 seams), inside mean 2.0 p95 5.2, 0 stale dropped'."""
+    num = lambda x: "n/a" if x is None else f"{x:.3g}"  # noqa: E731
+    delay = "wall clock" if ex.get("delay") is None else f"d={ex['delay']}"
+    ta = f" Ta={ex['n_action_steps']}" if ex.get("n_action_steps") else ""
+    head = f"{ex.get('strategy', '?')} {delay}{ta}: " if ex else ""
+    holds = f", {sm['hold_ticks']} ticks held" if sm.get("hold_ticks") else ""
+    return (
+        f"{head}seam jump mean {num(sm['seam_jump_mean'])} p95 {num(sm['seam_jump_p95'])} "
+        f"({sm['n_seam']} seams), inside chunks mean {num(sm['inside_jump_mean'])} "
+        f"p95 {num(sm['inside_jump_p95'])}, {sm['dropped_actions']} stale actions dropped{holds}"
+    )
 
 
 def _offline_lines(m: dict[str, Any], out: Path) -> list[str]:

@@ -27,8 +27,10 @@ import numpy as np
 from diffusion_policy.chunking import RealtimeController, as_obs_dict
 from diffusion_policy.evaluation.metrics import SUCCESS_COVERAGE, finish_metrics, summarize
 from diffusion_policy.evaluation.rollout import EvalError, make_env, video_path
+from diffusion_policy.execution import Smoothness, Strategy
 
-Planner = Callable[[dict[str, np.ndarray]], np.ndarray]  # obs {key: (To, ...)} -> actions (Ta, Da)
+# obs {key: (To, ...)}, **request (execution.PlanRequest.kwargs) -> actions (Ta, Da)
+Planner = Callable[..., np.ndarray]
 
 
 def run_episode_realtime(
@@ -46,6 +48,7 @@ def run_episode_realtime(
     max_reward, success, final_cov = 0.0, False, float(info["coverage"])
     holds = late = steps = 0
     last_action: np.ndarray | None = None
+    meter = Smoothness()
     for i in range(max_steps):
         t = t0 + i * dt
         wait = t - clock()
@@ -57,6 +60,8 @@ def run_episode_realtime(
         if action is None:
             holds += 1
             action = last_action
+        else:
+            meter.record(action, controller.executor.last_plan_id)
         last_action = action
         obs, reward, terminated, truncated, info = env.step(action)
         steps += 1
@@ -74,6 +79,7 @@ def run_episode_realtime(
         "late_ticks": late,
         "dropped": controller.executor.n_dropped,
         "plans": len(controller.latencies),
+        "smoothness": meter,
     }
 
 
@@ -174,10 +180,12 @@ def evaluate_realtime(
     replan_every: int | None = None,
     drop_margin_s: float = 0.0,
     info: dict[str, Any] | None = None,
+    strategy: Strategy | None = None,
 ) -> dict[str, Any]:
     """Like `rollout.evaluate` (same seeds, same metrics) with robots paced at task.control_hz.
 
     `make_planner(i)` gives robot i its planner; robots take the next seed from a shared list.
+    `strategy` (execution.py) joins the chunks; default async, or ensemble with `ensemble_decay`.
     """
     out = Path(out_dir) if out_dir else None
     if out:
@@ -191,6 +199,7 @@ def evaluate_realtime(
         ensemble_decay=ensemble_decay,
         replan_every=replan_every,
         drop_margin_s=drop_margin_s,
+        strategy=strategy,
     )
     t0 = time.time()
     n_robots = max(1, min(n_robots, len(seeds)))
@@ -203,13 +212,21 @@ def evaluate_realtime(
         k: np.asarray([r[k] for r in rows]) for k in ("max_reward", "success", "final_cov", "steps")
     }
     metrics = summarize(seeds, *col.values())
+    meter = Smoothness()
+    for r in rows:
+        meter.absorb(r["smoothness"])
+    meter.holds = 0  # counted with the wall clock's timing, as hold_ticks
+    decay = ensemble_decay if strategy is None else strategy.decay
     metrics["realtime"] = {
         "control_hz": task.control_hz,
         "n_robots": n_robots,
         **_timing(rows, fleet.latencies),
-        "ensemble_decay": ensemble_decay,
+        "ensemble_decay": decay,
         "replan_every": replan_every,
     }
+    name = strategy.name if strategy else ("async" if ensemble_decay is None else "ensemble")
+    metrics["execution"] = {"strategy": name, "delay": None, "n_action_steps": None}
+    metrics["smoothness"] = meter.summary()
     return finish_metrics(metrics, started=t0, seed_start=cfg.seed_start, out=out, info=info)
 
 
@@ -221,11 +238,16 @@ def local_planners(policy: Any, seeds: Iterator[int]) -> Callable[[int], Planner
     lock = threading.Lock()
 
     def make_planner(i: int) -> Planner:
-        def plan(obs: dict[str, np.ndarray]) -> np.ndarray:
+        def plan(obs: dict[str, np.ndarray], **request: Any) -> np.ndarray:
+            from diffusion_policy.policies.guidance import plan_chunk
+
             generator = torch.Generator(device=policy.device).manual_seed(next(seeds))
-            with lock, torch.no_grad():
-                out = policy.predict_action_chunk(
-                    {k: v[None] for k, v in obs.items()}, generator=generator
+            if request.get("prefix") is not None:
+                prefix = torch.as_tensor(request["prefix"], dtype=torch.float32)
+                request["prefix"] = prefix[None].to(policy.device)
+            with lock:
+                out = plan_chunk(
+                    policy, {k: v[None] for k, v in obs.items()}, generator=generator, **request
                 )
             return out["action"][0].float().cpu().numpy()
 
@@ -252,6 +274,6 @@ def server_planners(
         with lock:
             stack.callback(client.close)
         check(client.metadata)
-        return lambda obs: client.infer(obs, seed=next(seeds))["actions"]
+        return lambda obs, **request: client.infer(obs, seed=next(seeds), **request)["actions"]
 
     return make_planner

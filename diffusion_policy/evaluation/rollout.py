@@ -23,6 +23,15 @@ from diffusion_policy.chunking import ObsHistory, as_obs_dict
 from diffusion_policy.config import EvalConfig, TaskConfig
 from diffusion_policy.errors import UserError
 from diffusion_policy.evaluation.metrics import SUCCESS_COVERAGE, finish_metrics, summarize
+from diffusion_policy.execution import (
+    DEFAULT_BID_SAMPLES,
+    DelayedExecution,
+    ExecutionError,
+    ExecutionSpec,
+    PlanRequest,
+    Smoothness,
+    check_delay,
+)
 
 
 class EvalError(UserError, RuntimeError):
@@ -82,17 +91,39 @@ def make_env(
 
 
 class Actor:
-    """What evaluation needs from a policy: obs {key: (B, To, ...)} numpy -> actions (B, Ta, Da)."""
+    """What evaluation needs from a policy: obs {key: (B, To, ...)} numpy -> actions (B, Ta, Da)
+    (`__call__`), or the plan's whole future (B, F, Da) given the executing prefix (`plan`)."""
 
     def __init__(self, policy: torch.nn.Module, seed: int = 0):
         self.policy = policy
         self.n_obs_steps = policy.config.n_obs_steps
+        self.horizon = policy.config.horizon
+        self.n_action_steps = policy.config.n_action_steps
         self.generator = torch.Generator(device=policy.device).manual_seed(seed)
 
     def __call__(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         with torch.no_grad():
             out = self.policy.predict_action_chunk(obs, generator=self.generator)
         return out["action"].float().cpu().numpy()
+
+    def plan(
+        self,
+        obs: dict[str, np.ndarray],
+        prefix: np.ndarray | None = None,
+        delay: int = 0,
+        guidance: str = "none",
+        n_samples: int = DEFAULT_BID_SAMPLES,
+    ) -> np.ndarray:
+        """The future (B, F, Da) for ticks t.. of the newest observation; see policies/guidance.py."""
+        from diffusion_policy.policies.guidance import plan_chunk
+
+        if prefix is not None:
+            prefix = torch.as_tensor(prefix, dtype=torch.float32, device=self.policy.device)
+        out = plan_chunk(
+            self.policy, obs, generator=self.generator, prefix=prefix, delay=delay,
+            guidance=guidance, n_samples=n_samples,
+        )  # fmt: skip
+        return out["action_pred"][:, self.n_obs_steps - 1 :].float().cpu().numpy()
 
 
 # progress(env steps done, episodes done), where an episode that ended counts as max_steps
@@ -106,12 +137,17 @@ def evaluate(
     out_dir: str | Path | None = None,
     progress: bool | Progress = True,
     info: dict[str, Any] | None = None,
+    execution: ExecutionSpec | None = None,
 ) -> dict[str, Any]:
     """Roll out `actor` on seeds seed_start.. in waves of parallel envs; write metrics.json and videos.
 
     `progress`: True draws a bar that moves every env step (one wave of 50 episodes is most of an
-    evaluation), or give a callable. `info` is recorded in metrics.json as given.
+    evaluation), or give a callable. `info` is recorded in metrics.json as given. `execution`: the
+    strategy and simulated delay (default: synchronous, no delay, the actor's n_action_steps).
     """
+    spec = execution or ExecutionSpec()
+    driver = _driver(actor, spec)
+    meter = Smoothness()
     out = Path(out_dir) if out_dir else None
     if out:
         (out / "videos").mkdir(parents=True, exist_ok=True)
@@ -136,6 +172,8 @@ def evaluate(
                 paths + [None] * pad,
                 cfg,
                 on_step,
+                driver,
+                meter,
             )
             for k in results:
                 results[k].extend(r[k][: len(wave)])
@@ -144,7 +182,35 @@ def evaluate(
         tracker.close()
         close_vector_env(venv, cfg.worker_timeout_s, graceful=finished)
     metrics = summarize(seeds, *(np.asarray(results[k]) for k in results))
+    metrics["execution"] = spec.describe(driver.n_action_steps)
+    metrics["smoothness"] = meter.summary()
     return finish_metrics(metrics, started=t0, seed_start=cfg.seed_start, out=out, info=info)
+
+
+def _driver(actor: Any, spec: ExecutionSpec) -> DelayedExecution:
+    """The tick loop of `spec` for this actor, after checking that its plans can cover the delay."""
+    n_action_steps = spec.n_action_steps or getattr(actor, "n_action_steps", None)
+    horizon = getattr(actor, "horizon", None)
+    if horizon is not None and n_action_steps is not None:
+        check_delay(spec.delay, n_action_steps, horizon, actor.n_obs_steps)
+    return DelayedExecution(spec.build(n_action_steps), spec.delay, n_action_steps)
+
+
+def _planner(actor: Any, history: ObsHistory) -> Callable[[PlanRequest], np.ndarray]:
+    """Plans from the newest observations; an actor without `plan` gives its (B, Ta, Da) chunk."""
+    plan = getattr(actor, "plan", None)
+
+    def call(request: PlanRequest) -> np.ndarray:
+        if plan is not None:
+            return plan(history.stacked(), **request.kwargs())
+        if request.prefix is not None:
+            raise ExecutionError(
+                f"{type(actor).__name__} has no plan(obs, prefix, ...), so it cannot run strategy "
+                f"{request.guidance}"
+            )
+        return actor(history.stacked())
+
+    return call
 
 
 def video_path(out: Path | None, index: int, seed: int, n_videos: int) -> str | None:
@@ -253,32 +319,42 @@ def _run_wave(
     video_paths: list[str | None],
     cfg: EvalConfig,
     on_step: Callable[[np.ndarray, np.ndarray], None],
+    driver: DelayedExecution,
+    meter: Smoothness,
 ) -> dict[str, list]:
+    """One wave, one control tick at a time: the driver says when plans are requested and merged."""
     n = len(seeds)
     venv.set_attr("video_path", video_paths)
     obs, info = _call(venv, "reset", cfg, seed=seeds)
     history = ObsHistory(actor.n_obs_steps, time_axis=1)
     history.reset(as_obs_dict(obs, obs_key))
+    plan = _planner(actor, history)
+    driver.reset()
+    meter.start()
     done = np.zeros(n, bool)
     max_reward = np.zeros(n)
     success = np.zeros(n, bool)
     final_cov = np.asarray(info["coverage"], dtype=float).copy()
     steps = np.zeros(n, int)
+    action = None
     while not done.all():
-        actions = actor(history.stacked())  # (B, Ta, Da)
-        for k in range(actions.shape[1]):
-            obs, reward, terminated, truncated, info = _call(venv, "step", cfg, actions[:, k])
-            live = ~done
-            max_reward[live] = np.maximum(max_reward[live], reward[live])
-            cov = np.asarray(info["coverage"], dtype=float)
-            success[live] |= cov[live] > SUCCESS_COVERAGE
-            final_cov[live] = cov[live]
-            steps[live] += 1
-            done |= terminated | truncated
-            on_step(steps, done)
-            history.push(as_obs_dict(obs, obs_key))
-            if done.all():
-                break
+        due, plan_id = driver.step(plan)
+        meter.add_dropped(driver.dropped, ~done)
+        if due is None:  # sync under delay: the robot holds its last command while it waits
+            meter.holds += int((~done).sum())
+        else:
+            meter.record(due, plan_id, ~done)
+            action = due
+        obs, reward, terminated, truncated, info = _call(venv, "step", cfg, action)
+        live = ~done
+        max_reward[live] = np.maximum(max_reward[live], reward[live])
+        cov = np.asarray(info["coverage"], dtype=float)
+        success[live] |= cov[live] > SUCCESS_COVERAGE
+        final_cov[live] = cov[live]
+        steps[live] += 1
+        done |= terminated | truncated
+        on_step(steps, done)
+        history.push(as_obs_dict(obs, obs_key))
     return {
         "max_reward": list(max_reward),
         "success": list(success),

@@ -169,13 +169,17 @@ class PolicyClient:
         obs: Mapping[str, np.ndarray],
         seed: int | None = None,
         request_id: str | int | None = None,
+        **plan: Any,
     ) -> dict[str, Any]:
         """obs {key: (To, ...)} (or (B, To, ...)) -> {"actions", "action_pred", "infer_ms", ...}.
 
         `seed` fixes the sampling noise of this request's rows (same answer as in-process with
-        `torch.Generator().manual_seed(seed)`, see server.py).
+        `torch.Generator().manual_seed(seed)`, see server.py). `plan`: the latency-aware fields
+        (prefix (P, Da) or (B, P, Da), delay, guidance, n_samples; execution.PlanRequest.kwargs).
         """
         msg: dict[str, Any] = dict(obs)
+        for key, value in plan.items():
+            msg[key] = np.asarray(value, dtype=np.float32) if key == "prefix" else value
         msg["request_id"] = next(self._ids) if request_id is None else request_id
         if seed is not None:
             msg["seed"] = int(seed)
@@ -218,26 +222,50 @@ class PolicyClient:
 
 
 class RemoteActor:
-    """`evaluation.evaluate`'s actor interface over a server: obs (B, To, ...) -> actions (B, Ta, Da).
+    """`evaluation.evaluate`'s actor interface over a server: obs (B, To, ...) -> actions (B, Ta, Da),
+    or with `plan` the future (B, F, Da) given the executing prefix.
 
     Call i sends `seed = seed + i`, so a rerun on the same server repeats its noise.
     """
 
     def __init__(self, client: PolicyClient, seed: int = 0):
         self.client = client
-        self.n_obs_steps = int(client.metadata["n_obs_steps"])
+        meta = client.metadata
+        self.n_obs_steps = int(meta["n_obs_steps"])
+        self.horizon = int(meta["horizon"]) if "horizon" in meta else None
+        self.n_action_steps = int(meta["n_action_steps"]) if "n_action_steps" in meta else None
         self.seed = seed
         self.calls = 0
 
     def __call__(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        return self._infer(obs, "actions", {})
+
+    def plan(
+        self,
+        obs: dict[str, np.ndarray],
+        prefix: np.ndarray | None = None,
+        delay: int = 0,
+        guidance: str = "none",
+        n_samples: int = 16,
+    ) -> np.ndarray:
+        """As evaluation.rollout.Actor.plan, on the server (the request's prefix/delay/guidance)."""
+        fields: dict[str, Any] = {}
+        if prefix is not None:
+            fields = {"prefix": prefix, "delay": int(delay), "guidance": guidance}
+            fields["n_samples"] = int(n_samples)
+        return self._infer(obs, "action_pred", fields)[:, self.n_obs_steps - 1 :]
+
+    def _infer(self, obs: dict[str, np.ndarray], key: str, fields: dict[str, Any]) -> np.ndarray:
         # the server caps rows per request (metadata max_batch): send larger batches in slices
         rows = len(next(iter(obs.values())))
         step = int(self.client.metadata.get("max_batch") or rows)
         parts = []
         for i in range(0, rows, step):
-            out = self.client.infer(
-                {k: v[i : i + step] for k, v in obs.items()}, seed=self.seed + self.calls
-            )
+            part = {k: v[i : i + step] for k, v in obs.items()}
+            extra = dict(fields)
+            if "prefix" in extra:
+                extra["prefix"] = np.asarray(extra["prefix"])[i : i + step]
+            out = self.client.infer(part, seed=self.seed + self.calls, **extra)
             self.calls += 1
-            parts.append(np.asarray(out["actions"]))
+            parts.append(np.asarray(out[key]))
         return np.concatenate(parts)
