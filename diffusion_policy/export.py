@@ -50,8 +50,7 @@ import torch
 from torch import nn
 
 from diffusion_policy.errors import ConfigError, UserError
-from diffusion_policy.models.packed_unet import PackedUnet
-from diffusion_policy.policies.diffusion_sampling import DDIMSampler
+from diffusion_policy.policies.diffusion_sampling import DDIMSampler, packed_denoiser
 
 FORMATS = ("onnx", "torchscript")
 LAYOUTS = ("auto", "reference", "packed")
@@ -78,7 +77,7 @@ class ExportedPolicy(nn.Module):
 
     def __init__(self, policy, num_steps: int, layout: str):
         super().__init__()
-        packed = PackedUnet(policy.model) if layout == "packed" else None
+        packed = packed_denoiser(policy) if layout == "packed" else None
         self.sampler = DDIMSampler(policy, num_steps, packed)
         executed = policy.executed_slice()
         self.start, self.stop = executed.start, executed.stop
@@ -95,12 +94,19 @@ def has_images(policy) -> bool:
     return any(s.kind == "rgb" for s in policy.shape_meta.obs.values())
 
 
-def resolve_layout(fmt: str, layout: str) -> str:
+def resolve_layout(fmt: str, layout: str, policy=None) -> str:
+    """`auto` -> packed for TorchScript where the denoiser has a packed layout (the UNet's), else reference."""
     if layout not in LAYOUTS:
         raise ConfigError(f"layout {layout!r}: expected one of {LAYOUTS}")
+    packable = policy is None or packed_denoiser(policy) is not None
+    if layout == "packed" and not packable:
+        raise ExportError(
+            f"the packed layout is the UNet's; a {type(policy.model).__name__} denoiser exports in "
+            "the reference layout (--layout reference or auto)"
+        )
     if layout != "auto":
         return layout
-    return "reference" if fmt == "onnx" else "packed"
+    return "reference" if fmt == "onnx" or not packable else "packed"
 
 
 def resolve_onnx_exporter(policy, layout: str, exporter: str) -> str:
@@ -211,7 +217,7 @@ def export_policy(
     if policy.device.type != "cpu":
         raise ExportError(f"export a policy on the CPU, not on {policy.device}")
     names = input_names(policy)
-    layout = resolve_layout(fmt, layout)
+    layout = resolve_layout(fmt, layout, policy)
     exporter = "jit.trace"
     if fmt == "onnx":
         exporter = resolve_onnx_exporter(policy, layout, onnx_exporter)
@@ -488,7 +494,7 @@ def export_checkpoint(
     noise = cfg.policy.noise
     if steps is None:
         steps = noise.num_inference_steps if noise.sampler == "ddim" else 10
-    layout = resolve_layout(fmt, layout)
+    layout = resolve_layout(fmt, layout, policy)
     how = "torch.jit.trace"
     if fmt == "onnx":
         exporter = resolve_onnx_exporter(policy, layout, onnx_exporter)
