@@ -23,11 +23,13 @@ ONNX exporters (torch 2.13; DDIM-10 of runs/pusht_state_cpu_60min on 2 shared CP
   torch.export's decompositions), 3 to 6 for the packed layout.
 * `auto` (the default): legacy where it works (low-dim policies, reference layout), else dynamo.
 
-Layouts: `reference` runs the policy's ConditionalUnet1D (Conv1d on (B, C, T)); `packed` runs
-`sampling.PackedUnet` (time-major GEMMs). At batch 1 on one core packed is 6-10 % faster in both
-runtimes (onnxruntime 19.2 vs 20.6 ms, libtorch 20.5 vs 21.8 ms; the eager policy takes 39 ms), so
-TorchScript defaults to it. ONNX defaults to reference: for packed only the dynamo exporter works,
-minutes of export for ~1.5 ms. A packed TorchScript file also carries the unused reference weights.
+Layouts: `reference` runs the policy's denoiser as it is (the UNet's Conv1d on (B, C, T), or the
+transformer); `packed` runs `sampling.PackedUnet` (time-major GEMMs), for the UNet only: a
+transformer (DP-T) exports in the reference layout, `auto` picks it and `packed` is refused.
+For the UNet at batch 1 on one core packed is 6-10 % faster in both runtimes (onnxruntime 19.2 vs
+20.6 ms, libtorch 20.5 vs 21.8 ms; the eager policy takes 39 ms), so TorchScript defaults to it.
+ONNX defaults to reference: for packed only the dynamo exporter works, minutes of export for ~1.5 ms.
+A packed TorchScript file also carries the unused reference weights.
 """
 
 from __future__ import annotations

@@ -319,6 +319,10 @@ class DiffusionPolicy(Policy):
             return feats
         return rearrange(feats, "b to d -> b (to d)")
 
+    global_cond = (
+        condition  # its name before the transformer backbone (callers written for the UNet)
+    )
+
     def optim_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """The UNet: one group. The transformer: the original's split, decay on Linear and attention
         weights only (none on biases, LayerNorms, positional embeddings), its own for the encoder."""
