@@ -23,11 +23,13 @@ ONNX exporters (torch 2.13; DDIM-10 of runs/pusht_state_cpu_60min on 2 shared CP
   torch.export's decompositions), 3 to 6 for the packed layout.
 * `auto` (the default): legacy where it works (low-dim policies, reference layout), else dynamo.
 
-Layouts: `reference` runs the policy's ConditionalUnet1D (Conv1d on (B, C, T)); `packed` runs
-`sampling.PackedUnet` (time-major GEMMs). At batch 1 on one core packed is 6-10 % faster in both
-runtimes (onnxruntime 19.2 vs 20.6 ms, libtorch 20.5 vs 21.8 ms; the eager policy takes 39 ms), so
-TorchScript defaults to it. ONNX defaults to reference: for packed only the dynamo exporter works,
-minutes of export for ~1.5 ms. A packed TorchScript file also carries the unused reference weights.
+Layouts: `reference` runs the policy's denoiser as it is (the UNet's Conv1d on (B, C, T), or the
+transformer); `packed` runs `sampling.PackedUnet` (time-major GEMMs), for the UNet only: a
+transformer (DP-T) exports in the reference layout, `auto` picks it and `packed` is refused.
+For the UNet at batch 1 on one core packed is 6-10 % faster in both runtimes (onnxruntime 19.2 vs
+20.6 ms, libtorch 20.5 vs 21.8 ms; the eager policy takes 39 ms), so TorchScript defaults to it.
+ONNX defaults to reference: for packed only the dynamo exporter works, minutes of export for ~1.5 ms.
+A packed TorchScript file also carries the unused reference weights.
 """
 
 from __future__ import annotations
@@ -50,8 +52,7 @@ import torch
 from torch import nn
 
 from diffusion_policy.errors import ConfigError, UserError
-from diffusion_policy.models.packed_unet import PackedUnet
-from diffusion_policy.policies.diffusion_sampling import DDIMSampler
+from diffusion_policy.policies.diffusion_sampling import DDIMSampler, packed_denoiser
 
 FORMATS = ("onnx", "torchscript")
 LAYOUTS = ("auto", "reference", "packed")
@@ -78,7 +79,7 @@ class ExportedPolicy(nn.Module):
 
     def __init__(self, policy, num_steps: int, layout: str):
         super().__init__()
-        packed = PackedUnet(policy.model) if layout == "packed" else None
+        packed = packed_denoiser(policy) if layout == "packed" else None
         self.sampler = DDIMSampler(policy, num_steps, packed)
         executed = policy.executed_slice()
         self.start, self.stop = executed.start, executed.stop
@@ -95,12 +96,19 @@ def has_images(policy) -> bool:
     return any(s.kind == "rgb" for s in policy.shape_meta.obs.values())
 
 
-def resolve_layout(fmt: str, layout: str) -> str:
+def resolve_layout(fmt: str, layout: str, policy=None) -> str:
+    """`auto` -> packed for TorchScript where the denoiser has a packed layout (the UNet's), else reference."""
     if layout not in LAYOUTS:
         raise ConfigError(f"layout {layout!r}: expected one of {LAYOUTS}")
+    packable = policy is None or packed_denoiser(policy) is not None
+    if layout == "packed" and not packable:
+        raise ExportError(
+            f"the packed layout is the UNet's; a {type(policy.model).__name__} denoiser exports in "
+            "the reference layout (--layout reference or auto)"
+        )
     if layout != "auto":
         return layout
-    return "reference" if fmt == "onnx" else "packed"
+    return "reference" if fmt == "onnx" or not packable else "packed"
 
 
 def resolve_onnx_exporter(policy, layout: str, exporter: str) -> str:
@@ -211,7 +219,7 @@ def export_policy(
     if policy.device.type != "cpu":
         raise ExportError(f"export a policy on the CPU, not on {policy.device}")
     names = input_names(policy)
-    layout = resolve_layout(fmt, layout)
+    layout = resolve_layout(fmt, layout, policy)
     exporter = "jit.trace"
     if fmt == "onnx":
         exporter = resolve_onnx_exporter(policy, layout, onnx_exporter)
@@ -488,7 +496,7 @@ def export_checkpoint(
     noise = cfg.policy.noise
     if steps is None:
         steps = noise.num_inference_steps if noise.sampler == "ddim" else 10
-    layout = resolve_layout(fmt, layout)
+    layout = resolve_layout(fmt, layout, policy)
     how = "torch.jit.trace"
     if fmt == "onnx":
         exporter = resolve_onnx_exporter(policy, layout, onnx_exporter)

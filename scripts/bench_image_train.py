@@ -47,7 +47,7 @@ def gflop_per_step(cfg, shape_meta) -> float:
     policy.train()
     counter = FlopCounterMode(display=False)
     with counter:
-        cond = policy.global_cond(obs)
+        cond = policy.condition(obs)
         t = torch.zeros(b, dtype=torch.long, device="meta")
         out = policy.model(action, t, cond)
         out.sum().backward()

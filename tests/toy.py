@@ -21,9 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusion_policy.models.unet1d import ConditionalUnet1D
 from diffusion_policy.policies.base import Policy
-from diffusion_policy.policies.diffusion import DiffusionConfig, DiffusionPolicy, UnetConfig
+from diffusion_policy.policies.diffusion import (
+    DiffusionConfig,
+    DiffusionPolicy,
+    UnetConfig,
+    build_denoiser,
+)
 from diffusion_policy.policies.ibc import EnergyNetConfig, IBCConfig, IBCPolicy, LangevinConfig
 from diffusion_policy.shapes import ObsSpec, ShapeMeta
 
@@ -109,17 +113,8 @@ class MSERegressionPolicy(Policy):
 
     def __init__(self, config: DiffusionConfig, shape_meta: ShapeMeta):
         super().__init__(config, shape_meta)
-        u = config.unet
         obs_dim = sum(math.prod(s.shape) for s in shape_meta.obs.values())
-        self.model = ConditionalUnet1D(
-            input_dim=shape_meta.action_dim,
-            global_cond_dim=obs_dim * config.n_obs_steps,
-            diffusion_step_embed_dim=u.diffusion_step_embed_dim,
-            down_dims=list(u.down_dims),
-            kernel_size=u.kernel_size,
-            n_groups=u.n_groups,
-            cond_predict_scale=u.cond_predict_scale,
-        )
+        self.model = build_denoiser(config, shape_meta.action_dim, obs_dim)
 
     def _predict(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Raw obs -> normalised action chunk (B, T, Da)."""

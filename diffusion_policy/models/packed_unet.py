@@ -101,3 +101,5 @@ class PackedUnet(nn.Module):
             i += 2
         block, head = u.final_conv
         return self._mod(head, self._conv_block(block, x))
+
+    forward_step = forward_film  # DDIMSampler's name for it (see ConditionalUnet1D.step_table)

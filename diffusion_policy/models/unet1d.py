@@ -204,3 +204,8 @@ class ConditionalUnet1D(nn.Module):
             )  # (B, F)
             out.append(e_t[:, None] + e_c[None])
         return out
+
+    # the precomputed-conditioning interface of diffusion_sampling.DDIMSampler (the transformer
+    # has its own): per-step conditioning once per chunk, then the network on it
+    step_table = film_table
+    forward_step = forward_film

@@ -101,6 +101,12 @@ class Policy(nn.Module, ABC):
     def reset(self) -> None:
         """Clear any per-episode state (none for the built-in policies)."""
 
+    def optim_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW's parameter groups, `weight_decay` being train.optim.weight_decay. A policy whose
+        parameters need different regularisation (DP-T: none on biases and norms) splits them here;
+        the default is one group of every parameter at that decay."""
+        return [{"params": list(self.parameters()), "weight_decay": weight_decay}]
+
     # --- inference facts: what a server or an exporter may rely on instead of guessing ------------
     def noise_shape(self, batch_size: int) -> tuple[int, ...] | None:
         """Shape of the initial noise `predict_action_chunk(noise=...)` takes for `batch_size` rows,

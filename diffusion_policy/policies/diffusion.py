@@ -15,9 +15,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 from einops import rearrange
+from torch import nn
 
 from diffusion_policy.errors import ConfigError
 from diffusion_policy.models.encoders import ObsEncoder
+from diffusion_policy.models.transformer import TransformerForDiffusion
 from diffusion_policy.models.unet1d import ConditionalUnet1D
 from diffusion_policy.policies.base import Policy, PolicyConfig
 from diffusion_policy.policies.diffusion_sampling import FastSampler
@@ -39,6 +41,50 @@ class UnetConfig:
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ConfigError(
                 f"policy.unet.kernel_size={self.kernel_size}: must be odd (the convolutions pad by kernel_size // 2)"
+            )
+
+
+BACKBONES = ("unet", "transformer")
+
+
+@dataclass
+class TransformerConfig:
+    """TransformerForDiffusion sizes; the defaults are the paper's Push-T low-dim DP-T (8.97 M)."""
+
+    n_layer: int = 8
+    n_head: int = 4
+    n_emb: int = 256
+    p_drop_emb: float = 0.0
+    p_drop_attn: float = (
+        0.01  # the original's Push-T low-dim value (0.3 on Block Pushing and images)
+    )
+    causal_attn: bool = True
+    n_cond_layers: int = 0  # > 0: a transformer encoder over the conditioning tokens, else an MLP
+    # AdamW decay of the observation encoder's parameters (the original's obs_encoder_weight_decay);
+    # the transformer's own weights decay by train.optim.weight_decay, its biases, norms and
+    # positional embeddings not at all
+    obs_encoder_weight_decay: float = 1.0e-6
+
+    def __post_init__(self) -> None:
+        for name in ("n_layer", "n_head", "n_emb"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"policy.transformer.{name}={getattr(self, name)}: must be >= 1")
+        if self.n_emb % self.n_head:
+            raise ConfigError(
+                f"policy.transformer.n_emb={self.n_emb} must be divisible by n_head={self.n_head}"
+            )
+        if self.n_emb < 4 or self.n_emb % 2:
+            raise ConfigError(
+                f"policy.transformer.n_emb={self.n_emb}: must be even and >= 4 (sinusoidal step embedding)"
+            )
+        for name in ("p_drop_emb", "p_drop_attn"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(
+                    f"policy.transformer.{name}={getattr(self, name)}: must be in [0, 1)"
+                )
+        if self.n_cond_layers < 0 or self.obs_encoder_weight_decay < 0:
+            raise ConfigError(
+                "policy.transformer.n_cond_layers and obs_encoder_weight_decay must be >= 0"
             )
 
 
@@ -76,18 +122,32 @@ class NoiseConfig:
 @dataclass
 class DiffusionConfig(PolicyConfig):
     name: str = "diffusion"
+    backbone: str = (
+        "unet"  # the denoiser: unet (DP-C, policy.unet) | transformer (DP-T, policy.transformer)
+    )
     unet: UnetConfig = field(default_factory=UnetConfig)
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
 
     @classmethod
-    def tiny(cls) -> DiffusionConfig:
+    def tiny(cls, backbone: str = "unet") -> DiffusionConfig:
         return cls(
+            backbone=backbone,
             unet=UnetConfig(diffusion_step_embed_dim=16, down_dims=[16, 32]),
+            transformer=TransformerConfig(n_layer=2, n_head=2, n_emb=16),
             noise=NoiseConfig(num_inference_steps=4),
         )
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.backbone not in BACKBONES:
+            raise ConfigError(
+                f"policy.backbone={self.backbone!r}: expected one of {', '.join(BACKBONES)}"
+            )
+        if self.backbone == "unet":
+            self._check_unet()
+
+    def _check_unet(self) -> None:
         bad = [d for d in self.unet.down_dims if d % self.unet.n_groups]
         if bad:
             raise ConfigError(
@@ -114,24 +174,36 @@ def make_scheduler(cfg: NoiseConfig, kind: str | None = None) -> DDPMScheduler |
     return DDIMScheduler(set_alpha_to_one=True, steps_offset=0, **common)
 
 
+def build_denoiser(config: DiffusionConfig, action_dim: int, obs_feature_dim: int) -> nn.Module:
+    """The backbone `model(sample (B, T, Da), timestep, cond) -> (B, T, Da)` that policy.backbone names."""
+    if config.backbone == "transformer":
+        sizes = dataclasses.asdict(config.transformer)
+        sizes.pop("obs_encoder_weight_decay")  # the optimiser's, not the network's
+        return TransformerForDiffusion(
+            action_dim, obs_feature_dim, config.horizon, config.n_obs_steps, **sizes
+        )
+    u = config.unet
+    return ConditionalUnet1D(
+        input_dim=action_dim,
+        global_cond_dim=obs_feature_dim * config.n_obs_steps,
+        diffusion_step_embed_dim=u.diffusion_step_embed_dim,
+        down_dims=list(u.down_dims),
+        kernel_size=u.kernel_size,
+        n_groups=u.n_groups,
+        cond_predict_scale=u.cond_predict_scale,
+    )
+
+
 class DiffusionPolicy(Policy):
-    """Observation encoder + ConditionalUnet1D denoiser; actions normalised to [-1, 1]."""
+    """Observation encoder + a denoiser (ConditionalUnet1D or TransformerForDiffusion); actions
+    normalised to [-1, 1]."""
 
     graph_safe = True
 
     def __init__(self, config: DiffusionConfig, shape_meta: ShapeMeta):
         super().__init__(config, shape_meta)
         self.obs_encoder = ObsEncoder(config.encoder, shape_meta)
-        u = config.unet
-        self.model = ConditionalUnet1D(
-            input_dim=shape_meta.action_dim,
-            global_cond_dim=self.obs_encoder.output_dim * config.n_obs_steps,
-            diffusion_step_embed_dim=u.diffusion_step_embed_dim,
-            down_dims=list(u.down_dims),
-            kernel_size=u.kernel_size,
-            n_groups=u.n_groups,
-            cond_predict_scale=u.cond_predict_scale,
-        )
+        self.model = build_denoiser(config, shape_meta.action_dim, self.obs_encoder.output_dim)
         self.noise_scheduler = make_scheduler(config.noise, "ddpm")  # training: the forward process
         self.sampler = make_scheduler(config.noise)
         self.sampler_kind = config.noise.sampler
@@ -244,13 +316,36 @@ class DiffusionPolicy(Policy):
         self._fast = None
         return super()._apply(fn, recurse)
 
-    def global_cond(self, nobs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Normalised obs {key: (B, To, ...)} -> (B, To * Do), flattened time-major."""
+    def condition(self, nobs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Normalised obs {key: (B, To, ...)} -> the denoiser's cond: one token per obs step
+        (B, To, Do) for the transformer, flattened time-major (B, To * Do) for the UNet."""
         feats = self.obs_encoder({k: v[:, : self.config.n_obs_steps] for k, v in nobs.items()})
+        if self.config.backbone == "transformer":
+            return feats
         return rearrange(feats, "b to d -> b (to d)")
 
+    global_cond = (
+        condition  # its name before the transformer backbone (callers written for the UNet)
+    )
+
+    def optim_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """The UNet: one group. The transformer: the original's split, decay on Linear and attention
+        weights only (none on biases, LayerNorms, positional embeddings), its own for the encoder."""
+        if self.config.backbone != "transformer":
+            return super().optim_groups(weight_decay)
+        decay, no_decay = self.model.decay_split()
+        groups = [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        encoder = list(self.obs_encoder.parameters())
+        if encoder:
+            wd = self.config.transformer.obs_encoder_weight_decay
+            groups.append({"params": encoder, "weight_decay": wd})
+        return groups
+
     def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        cond = self.global_cond(self.normalize_obs(batch["obs"]))
+        cond = self.condition(self.normalize_obs(batch["obs"]))
         action = self.normalizer.normalize("action", batch["action"])  # (B, T, Da)
         if (
             "noise" in batch
@@ -316,7 +411,7 @@ class DiffusionPolicy(Policy):
         if self.inference_backend != "eager" and self.sampler_kind == "ddim":
             action_pred = self._fast_sample(obs, generator, noise)
         else:
-            cond = self.global_cond(self.normalize_obs(obs))
+            cond = self.condition(self.normalize_obs(obs))
             naction = self.conditional_sample(cond, generator=generator, noise=noise)
             action_pred = self.normalizer.unnormalize("action", naction)
         return {

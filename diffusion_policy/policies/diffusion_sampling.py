@@ -7,10 +7,12 @@ this module takes them out of the loop:
 * the scheduler's coefficients: read once from the diffusers scheduler into tables (the DDIM update
   with eta = 0 is x' = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps, with x0 optionally clipped);
 * the timestep embeddings of the K steps;
-* the FiLM linear layers of every block, which depend on (step, observation) only: computed once per
-  chunk for all K steps (`ConditionalUnet1D.film_table`), instead of K times.
+* what depends on (step, observation) only, computed once per chunk for all K steps instead of K
+  times (the denoiser's `step_table`): the UNet's FiLM vectors of every block
+  (`ConditionalUnet1D.film_table`), the transformer's conditioning tokens after their encoder
+  (`TransformerForDiffusion.memory`).
 
-What is left per step is the convolution stack. `DDIMSampler` is a plain `nn.Module` with fixed
+What is left per step is the convolution stack (the decoder layers). `DDIMSampler` is a plain `nn.Module` with fixed
 shapes and no Python branching on data, so it can be traced (`torch.jit`), captured whole in a CUDA
 graph, or exported to ONNX. `FastSampler` picks and caches such a backend per batch size.
 Results equal the reference loop to float rounding (tests/test_sampling.py).
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from diffusion_policy.models.packed_unet import PackedUnet
+from diffusion_policy.models.unet1d import ConditionalUnet1D
 from diffusion_policy.policies.sampler_names import BACKENDS
 
 
@@ -130,24 +133,30 @@ class DDIMSampler(nn.Module):
         *obs_list, noise = args
         p = self.policy
         obs = dict(zip(self.keys, obs_list, strict=True))
-        cond = p.global_cond(p.normalize_obs(obs))
-        unet = p.model
-        films = unet.film_table(self.timesteps, cond)  # list of (K, B, F)
+        cond = p.condition(p.normalize_obs(obs))
+        table = p.model.step_table(self.timesteps, cond)  # list of (K, B, ...)
         x = noise.to(cond.dtype)
-        net = self.packed if self.packed is not None else unet
+        net = self.packed if self.packed is not None else p.model
         for k in range(self.num_steps):
-            out = net.forward_film(x, [f[k] for f in films])
+            out = net.forward_step(x, [c[k] for c in table])
             x = ddim_step(x, out, *self.coef[k], self.table.clip, self.table.prediction_type)
         return x
+
+
+def packed_denoiser(policy) -> PackedUnet | None:
+    """The CPU layout of the policy's denoiser, or None where it has none (the transformer's
+    layers are GEMMs on (B, T, C) already)."""
+    return PackedUnet(policy.model) if isinstance(policy.model, ConditionalUnet1D) else None
 
 
 class FastSampler:
     """A DDIMSampler behind a backend, cached per input shape (shapes are fixed inside a backend).
 
     * `fused`: the module, eagerly (any device).
-    * `cpu`: the time-major GEMM kernel (PackedUnet) traced with torch.jit once per batch size: the
-      fastest here at batch 1. It packs a snapshot of the weights and repacks when any weight has
-      changed in place since (an optimizer or EMA step, load_state_dict).
+    * `cpu`: the module traced with torch.jit once per batch size; a UNet runs as the time-major
+      GEMM kernel (PackedUnet), the fastest here at batch 1. It packs (and traces) a snapshot of
+      the weights and redoes it when any weight has changed in place since (an optimizer or EMA
+      step, load_state_dict).
     * `cuda_graph`: the whole K-step loop captured once per batch size and replayed: one launch
       instead of hundreds, which is what a batch-1 chunk is bound by on a GPU.
     * `auto`: cuda_graph on CUDA, cpu on the CPU.
@@ -182,9 +191,7 @@ class FastSampler:
         if self.backend == "cpu":
             version = self._weights_version()
             if version != self._version:  # repack a fresh snapshot
-                self.module = DDIMSampler(
-                    self.policy, self.num_steps, PackedUnet(self.policy.model)
-                )
+                self.module = DDIMSampler(self.policy, self.num_steps, packed_denoiser(self.policy))
                 self._runners.clear()
                 self._version = version
         inputs = [obs[k] for k in self.module.keys] + [noise]

@@ -144,7 +144,9 @@ class Run:
     def describe(self, run_dir: Path) -> str:
         n_params = sum(q.numel() for q in self.learner.policy.parameters())
         t = self.cfg.train
-        return (f"run {run_dir} | {self.cfg.policy.name} {n_params / 1e6:.2f} M params | {len(self.train_ds)} train windows | "
+        backbone = getattr(self.cfg.policy, "backbone", None)
+        name = self.cfg.policy.name + (f" ({backbone})" if backbone else "")
+        return (f"run {run_dir} | {name} {n_params / 1e6:.2f} M params | {len(self.train_ds)} train windows | "
                 f"{self.steps_per_epoch} steps/epoch | {self.total_steps} steps | device {self.device} x{self.d.world}"
                 f"{' | CUDA graph' if self.learner.cuda_graph else ''}{' | compiled' if t.compile else ''}")  # fmt: skip
 
@@ -220,7 +222,11 @@ def build_run(cfg: Config, d: Dist, device: str) -> Run:
     if t.compile:
         policy.model.compile()  # in place: parameter names (and checkpoints) stay the same
     optimizer, lr_sched = build_optimizer(
-        t.optim, policy.parameters(), device, total_steps, capturable=use_graph
+        t.optim,
+        policy.optim_groups(t.optim.weight_decay),
+        device,
+        total_steps,
+        capturable=use_graph,
     )
     learner = Learner(
         policy, model, optimizer, lr_sched, ema, t.amp, t.optim.grad_clip_norm, use_graph

@@ -153,7 +153,9 @@ def build_distill_run(cfg: Config, d: Dist, device: str, *, teacher, source, ste
     table = dataclasses.replace(ddim_table(student.sampler, steps), clip=None)
     t = cfg.train
     ema = build_ema(t.ema, student)
-    optimizer, sched = build_optimizer(t.optim, student.parameters(), device, t.max_steps)
+    optimizer, sched = build_optimizer(
+        t.optim, student.optim_groups(t.optim.weight_decay), device, t.max_steps
+    )
     loss = StudentLoss(DDIMSampler(student, steps, table=table))
     learner = Learner(student, loss, optimizer, sched, ema, grad_clip_norm=t.optim.grad_clip_norm)
     t0 = time.time()

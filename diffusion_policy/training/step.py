@@ -81,13 +81,14 @@ def build_ema(cfg: EMAConfig, policy: nn.Module) -> EMAModel | None:
 
 def build_optimizer(
     cfg: OptimConfig,
-    params: Iterable[nn.Parameter],
+    params: Iterable[nn.Parameter] | list[dict[str, Any]],
     device: str,
     total_steps: int,
     capturable: bool = False,
 ) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW and its diffusers lr schedule over `total_steps`. A graphed step needs a capturable
-    optimiser whose lr is a device tensor."""
+    """AdamW over `params` (or the parameter groups a policy's `optim_groups` gives) and its
+    diffusers lr schedule over `total_steps`. A graphed step needs a capturable optimiser whose lr
+    is a device tensor."""
     from diffusers.optimization import get_scheduler
 
     optimizer = torch.optim.AdamW(
