@@ -101,6 +101,13 @@ def _add_execution_arguments(parser: argparse.ArgumentParser) -> None:
         help="bid: candidate chunks per plan (default 16)",
     )
     e.add_argument(
+        "--rtc-beta",
+        type=float,
+        default=None,
+        metavar="B",
+        help="rtc: clip on the guidance weight (default 5, the RTC paper's)",
+    )
+    e.add_argument(
         "--ensemble-decay",
         type=float,
         default=None,
@@ -185,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
         token=args.token, realtime=args.realtime, robots=args.robots, ensemble=args.ensemble,
         replan_every=args.replan_every, offline=args.offline, dataset=args.dataset,
         delay=args.delay, strategy=args.strategy, n_action_steps=args.n_action_steps,
-        bid_samples=args.bid_samples, ensemble_decay=args.ensemble_decay,
+        bid_samples=args.bid_samples, ensemble_decay=args.ensemble_decay, rtc_beta=args.rtc_beta,
     )  # fmt: skip
     metrics, out = evaluate_checkpoint(args.checkpoint, opts)
     print("\n".join(summary_lines(metrics, out)))

@@ -56,6 +56,7 @@ class EvalOptions:
     n_action_steps: int | None = None  # actions executed per plan (None: the checkpoint's)
     bid_samples: int | None = None
     ensemble_decay: float | None = None
+    rtc_beta: float | None = None  # rtc: the clip on the guidance weight (None: the paper's 5)
 
     def __post_init__(self) -> None:
         for flag, value, low in (
@@ -77,6 +78,8 @@ class EvalOptions:
         for flag, x in (("--ensemble", self.ensemble), ("--ensemble-decay", self.ensemble_decay)):
             if x is not None and not math.isfinite(x):
                 raise UserError(f"{flag} {x}: must be a finite number")
+        if self.rtc_beta is not None and not (math.isfinite(self.rtc_beta) and self.rtc_beta > 0):
+            raise UserError(f"--rtc-beta {self.rtc_beta}: must be a finite number > 0")
         self._check_execution()
         if self.server and (self.sampler or self.inference_steps or self.timestep_spacing):
             raise UserError(
@@ -93,7 +96,7 @@ class EvalOptions:
             raise UserError(f"{flag} simulates latency in the controlled-delay evaluation; --realtime measures it on the wall clock: give one of them")  # fmt: skip
         if self.realtime and self.ensemble is not None and self.strategy not in (None, "ensemble"):
             raise UserError(f"--ensemble is the ensemble strategy's decay; it does not apply to --strategy {self.strategy}")  # fmt: skip
-        for flag, value, owner in (("--bid-samples", self.bid_samples, "bid"), ("--ensemble-decay", self.ensemble_decay, "ensemble")):  # fmt: skip
+        for flag, value, owner in (("--bid-samples", self.bid_samples, "bid"), ("--ensemble-decay", self.ensemble_decay, "ensemble"), ("--rtc-beta", self.rtc_beta, "rtc")):  # fmt: skip
             if value is not None and self.strategy != owner:
                 raise UserError(f"{flag} applies to --strategy {owner}, not {self.strategy or 'the default'}")  # fmt: skip
 
@@ -115,6 +118,7 @@ class EvalOptions:
             return ""
         tag = f"{spec.strategy}-d{spec.delay}" + (f"-ta{spec.n_action_steps}" if spec.n_action_steps else "")  # fmt: skip
         tag += f"-n{self.bid_samples}" if self.bid_samples else ""
+        tag += f"-b{self.rtc_beta:g}" if self.rtc_beta is not None else ""
         return tag + (f"-m{self.ensemble_decay:g}" if self.ensemble_decay is not None else "")
 
     @property
@@ -209,7 +213,7 @@ def evaluate_checkpoint(checkpoint: str | Path, opts: EvalOptions) -> tuple[dict
     else:
         from diffusion_policy.evaluation.rollout import Actor, evaluate
 
-        actor = Actor(policy, seed=seed)
+        actor = Actor(policy, seed=seed, rtc_beta=opts.rtc_beta)
         metrics = evaluate(actor, cfg.task, ecfg, out_dir=out, info=info, execution=spec)
     return metrics, out
 

@@ -94,8 +94,11 @@ class Actor:
     """What evaluation needs from a policy: obs {key: (B, To, ...)} numpy -> actions (B, Ta, Da)
     (`__call__`), or the plan's whole future (B, F, Da) given the executing prefix (`plan`)."""
 
-    def __init__(self, policy: torch.nn.Module, seed: int = 0):
+    def __init__(self, policy: torch.nn.Module, seed: int = 0, rtc_beta: float | None = None):
+        from diffusion_policy.policies.guidance import RTC_MAX_GUIDANCE
+
         self.policy = policy
+        self.rtc_beta = RTC_MAX_GUIDANCE if rtc_beta is None else rtc_beta
         self.n_obs_steps = policy.config.n_obs_steps
         self.horizon = policy.config.horizon
         self.n_action_steps = policy.config.n_action_steps
@@ -121,7 +124,7 @@ class Actor:
             prefix = torch.as_tensor(prefix, dtype=torch.float32, device=self.policy.device)
         out = plan_chunk(
             self.policy, obs, generator=self.generator, prefix=prefix, delay=delay,
-            guidance=guidance, n_samples=n_samples,
+            guidance=guidance, n_samples=n_samples, max_guidance=self.rtc_beta,
         )  # fmt: skip
         return out["action_pred"][:, self.n_obs_steps - 1 :].float().cpu().numpy()
 

@@ -199,7 +199,7 @@ def _rtc(
     max_guidance: float,
 ) -> dict[str, torch.Tensor]:
     y, weights = _aligned(policy, prefix, delay)
-    cond = policy.global_cond(policy.normalize_obs(obs))
+    cond = policy.condition(policy.normalize_obs(obs))
     guide = RTCGuide(policy, cond, y, weights, max_guidance)
     naction = policy.conditional_sample(cond, generator=generator, noise=noise, guide=guide)
     action_pred = policy.normalizer.unnormalize("action", naction)
