@@ -252,7 +252,7 @@ def check_delay(delay: int, n_action_steps: int, horizon: int, n_obs_steps: int)
         raise ExecutionError(f"--delay {delay}: must be at least 0")
     if n_action_steps < 1:
         raise ExecutionError(f"--n-action-steps {n_action_steps}: must be at least 1")
-    if delay >= horizon - n_obs_steps:
+    if delay and delay >= horizon - n_obs_steps:  # d = 0 is always possible (IBC: horizon = To)
         raise ExecutionError(
             f"--delay {delay}: must be below horizon - n_obs_steps = {horizon} - {n_obs_steps} "
             f"= {horizon - n_obs_steps}"

@@ -153,6 +153,16 @@ def test_bad_delay_or_ta_is_one_clear_error(delay, ta, says):
     check_delay(7, 8, horizon=16, n_obs_steps=2)  # the largest delay at Ta = 8
 
 
+def test_zero_delay_is_always_possible_even_where_horizon_equals_n_obs_steps():
+    """IBC's chunk is one action (horizon = To = 2): d = 0 must pass, d = 1 is refused."""
+    from diffusion_policy.policies.guidance import PlanLimits, check_plan_fields
+
+    check_delay(0, 1, horizon=2, n_obs_steps=2)
+    check_plan_fields(PlanLimits(2, 2, 2, ("none", "bid")), 1, None, 0, "none", 1)
+    with pytest.raises(ExecutionError, match="--delay 1"):
+        check_delay(1, 1, horizon=2, n_obs_steps=2)
+
+
 def test_unknown_strategy():
     with pytest.raises(ExecutionError, match="strategy 'fast'"):
         make_strategy("fast")

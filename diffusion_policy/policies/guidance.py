@@ -111,7 +111,7 @@ def check_plan_fields(
             f"guidance={guidance!r} is not supported by {lim.policy_name} (it supports {lim.guidances})"
         )
     span = lim.horizon - lim.n_obs_steps
-    if not _is_int(delay) or not 0 <= delay < span:
+    if not _is_int(delay) or not (delay == 0 or 0 < delay < span):  # d = 0 always (IBC: span 0)
         raise ConfigError(
             f"delay={_short(repr(delay))}: must be an int in [0, horizon - n_obs_steps = {span})"
         )
