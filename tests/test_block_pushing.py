@@ -11,7 +11,9 @@ from gymnasium.utils.env_checker import check_env
 
 import envs  # noqa: F401  (registers BlockPushMultimodal-v0)
 from diffusion_policy.cli.main import main
+from diffusion_policy.config import load_config
 from diffusion_policy.data.replay_buffer import ReplayBuffer
+from diffusion_policy.data.task_spec import check_spec, spec_from_config
 from envs.block_pushing import (
     GOAL_TOLERANCE,
     REWARD_BOTH,
@@ -153,3 +155,7 @@ def test_generate_blockpush_store_validates_and_prints_its_modes(tmp_path, capsy
     for mode, count in plans.items():
         assert f"{mode} " in printed and f"{count}  {count / n:.3f}" in printed
     assert "p2               1.000" in printed
+    # the declared preset trains on it: its task spec fits the store (obs (16,), action (2,))
+    cfg = load_config("blockpush_smoke", [f"task.dataset={out}"])
+    assert cfg.task.env_id == "BlockPushMultimodal-v0" and gym.spec(cfg.task.env_id)
+    assert check_spec(buf, spec_from_config(cfg.task)) == {"state": (16,), "action": (2,)}
