@@ -18,6 +18,8 @@ import pymunk
 import shapely
 from gymnasium import spaces
 
+from envs.actions import check_xy_action
+
 # ----------------------------------------------------------------------------------------------------
 # Constants (spec section 1). Units are pixels; y points down; positive angles look clockwise.
 # ----------------------------------------------------------------------------------------------------
@@ -407,17 +409,7 @@ class PushTEnv(gym.Env):
 
     @staticmethod
     def _check_action(action: Any) -> np.ndarray:
-        if action is None:
-            raise ValueError("action is None; pass a target position [x, y] in pixels")
-        try:
-            arr = np.asarray(action, dtype=np.float64)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"action must be 2 numbers [x, y], got {action!r}") from e
-        if arr.shape != (2,):
-            raise ValueError(f"action must have shape (2,) = target [x, y], got shape {arr.shape}")
-        if not np.all(np.isfinite(arr)):
-            raise ValueError(f"action must be finite, got {arr.tolist()}")
-        return arr
+        return check_xy_action(action, "the target position [x, y] in pixels")
 
     def render(self) -> np.ndarray | None:
         """rgb_array: the frame (render_size) with a red cross at the last action; human: draw the window."""

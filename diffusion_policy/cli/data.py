@@ -111,11 +111,19 @@ def _args_fetch(p: argparse.ArgumentParser) -> None:
 
 
 def _args_generate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("task", choices=["pusht"], help="which task")
+    p.add_argument(
+        "task",
+        choices=["pusht", "blockpush"],
+        help="which task (blockpush: the multimodal Block Pushing oracle, its mode frequencies printed)",
+    )
     p.add_argument("--episodes", type=int, required=True, help="number of episodes (seeds) to run")
     p.add_argument("--out", type=Path, required=True, help="new zarr store to write")
     p.add_argument(
-        "--seed-start", type=int, default=0, help="env seed of the first episode (default 0)"
+        "--seed-start",
+        "--seed",
+        type=int,
+        default=0,
+        help="env seed of the first episode (default 0)",
     )
     p.add_argument(
         "--workers",
@@ -126,14 +134,16 @@ def _args_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--keep-failures",
         action="store_true",
-        help="also store episodes that did not succeed within 300 steps",
+        help="also store episodes that did not succeed within the task's episode cap (300/350 steps)",
     )
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from diffusion_policy.data.expert import generate
 
-    generate(args.out, args.episodes, args.seed_start, args.workers, args.keep_failures)
+    generate(
+        args.out, args.episodes, args.seed_start, args.workers, args.keep_failures, task=args.task
+    )
     return 0
 
 
