@@ -121,16 +121,53 @@ def test_waves_give_the_same_result_as_one_batch():
 
 
 def test_summary_statistics():
-    m = summarize(
-        [1, 2, 3, 4],
-        np.array([1.0, 0.5, 0.0, 1.0]),
-        np.array([True, False, False, True]),
-        np.array([0.96, 0.4, 0.0, 0.97]),
-        np.array([50, 300, 300, 80]),
-    )
+    rows = [
+        {"max_reward": r, "success": ok, "final_coverage": c, "steps": k}
+        for r, ok, c, k in zip(
+            [1.0, 0.5, 0.0, 1.0],
+            [True, False, False, True],
+            [0.96, 0.4, 0.0, 0.97],
+            [50, 300, 300, 80],
+        )
+    ]
+    m = summarize([1, 2, 3, 4], rows)
     assert m["mean_score"] == 0.625 and m["success_rate"] == 0.5
+    assert m["mean_final_coverage"] == pytest.approx(0.5825)
     lo, hi = m["success_rate_ci95"]
     assert 0.0 < lo < 0.5 < hi < 1.0
+
+
+def test_events_and_modes_come_from_the_env_metadata():
+    """Block Pushing's p1/p2 and modes: rates from the events reached at any step, the mode
+    frequencies over episodes, and no coverage metrics for an env without info["coverage"]."""
+    from diffusion_policy.evaluation.metrics import EpisodeStats
+
+    meta = {"success_key": "is_success", "event_keys": ("p1", "p2"), "mode_key": "mode"}
+    stats = EpisodeStats(3, meta, {})
+    live = np.ones(3, bool)
+    stats.step(
+        np.array([0.0, 0.5, 0.0]),
+        {"is_success": np.array([False] * 3), "p1": np.array([True, True, False]),
+         "p2": np.array([False] * 3), "mode": np.array(["a", "b", ""], dtype=object)},
+        live,
+    )  # fmt: skip
+    stats.step(
+        np.array([1.0, 0.0, 0.0]),
+        {"is_success": np.array([True, False, False]), "p1": np.array([False] * 3),
+         "p2": np.array([True, False, False]), "mode": np.array(["a", "b", ""], dtype=object)},
+        np.array([True, True, False]),
+    )  # fmt: skip
+    m = summarize([7, 8, 9], stats.rows())
+    assert m["p1_rate"] == pytest.approx(2 / 3) and m["p2_rate"] == pytest.approx(1 / 3)
+    assert m["success_rate"] == pytest.approx(1 / 3) and m["mean_score"] == pytest.approx(0.5)
+    assert m["mode_frequencies"] == {
+        "a": pytest.approx(1 / 3),
+        "b": pytest.approx(1 / 3),
+        "none": pytest.approx(1 / 3),
+    }
+    assert "mean_final_coverage" not in m and m["per_seed"]["9"]["steps"] == 1
+    with pytest.raises(KeyError, match="is_success"):
+        stats.step(np.zeros(3), {}, live)
 
 
 def _crashing_env_factory(monkeypatch, **env_kwargs) -> None:

@@ -396,11 +396,19 @@ def summary_lines(metrics: dict[str, Any], out: Path) -> list[str]:
     if metrics.get("mode") == "offline":
         return _offline_lines(metrics, out)
     lo, hi = metrics["mean_score_ci95"]
+    extra = "".join(
+        f"  {k} {metrics[k]:.3f}"
+        for k in ("mean_final_coverage", "p1_rate", "p2_rate")
+        if k in metrics
+    )
     lines = [
         f"mean_score {metrics['mean_score']:.3f} [{lo:.3f}, {hi:.3f}]  "
-        f"success_rate {metrics['success_rate']:.3f}  mean_final_coverage {metrics['mean_final_coverage']:.3f}  "
+        f"success_rate {metrics['success_rate']:.3f}{extra}  "
         f"({metrics['n_episodes']} episodes from seed {metrics['seed_start']}, {metrics['wall_time_s']:.0f} s)"
     ]
+    if "mode_frequencies" in metrics:
+        modes = ", ".join(f"{m} {f:.2f}" for m, f in metrics["mode_frequencies"].items())
+        lines.append(f"modes reached: {modes}")
     if "realtime" in metrics:
         rt = metrics["realtime"]
         lines.append(

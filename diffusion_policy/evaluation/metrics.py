@@ -10,9 +10,6 @@ from typing import Any
 
 import numpy as np
 
-# an episode succeeds once the T covers more than this fraction of the goal (reward 1 from here)
-SUCCESS_COVERAGE = 0.95
-
 
 def _interval(values: np.ndarray) -> list[float]:
     """95% normal-approximation confidence interval of a mean of values in [0, 1]."""
@@ -33,33 +30,83 @@ def _wilson(successes: int, n: int) -> list[float]:
     return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
-def summarize(
-    seeds: list[int],
-    max_reward: np.ndarray,
-    success: np.ndarray,
-    final_cov: np.ndarray,
-    steps: np.ndarray,
-) -> dict[str, Any]:
-    """The paper's score (mean of each episode's max reward) and the rates, with their intervals."""
+class EpisodeStats:
+    """The results of n episodes stepped together, read from what the env says of itself: its
+    metadata's `success_key` (default is_success), `event_keys` (Block Pushing's p1, p2: reached at
+    some step) and `mode_key` (the behaviour mode reached), and info["coverage"] where it has one
+    (Push-T). So one evaluation serves every task, with no branch per task."""
+
+    def __init__(self, n: int, metadata: dict[str, Any], info: dict[str, Any]):
+        self.success_key = metadata.get("success_key", "is_success")
+        self.event_keys = tuple(metadata.get("event_keys", ()))
+        self.mode_key = metadata.get("mode_key")
+        self.max_reward = np.zeros(n)
+        self.success = np.zeros(n, bool)
+        self.steps = np.zeros(n, int)
+        cov = info.get("coverage")
+        self.final_cov = None if cov is None else np.asarray(cov, dtype=float).reshape(n).copy()
+        self.events = {k: np.zeros(n, bool) for k in self.event_keys}
+        self.modes = np.full(n, "", dtype=object)
+
+    def step(self, reward: Any, info: dict[str, Any], live: np.ndarray) -> None:
+        """One env step's reward and info (arrays over the n envs, or scalars for one) for the envs
+        still running (`live`)."""
+        n = len(self.steps)
+        self.max_reward[live] = np.maximum(self.max_reward, np.asarray(reward, float).reshape(n))[
+            live
+        ]
+        if self.success_key not in info:
+            raise KeyError(
+                f"the env's info has no {self.success_key!r} (its metadata's success_key)"
+            )
+        self.success[live] |= np.asarray(info[self.success_key], bool).reshape(n)[live]
+        if self.final_cov is not None:
+            self.final_cov[live] = np.asarray(info["coverage"], float).reshape(n)[live]
+        for k, reached in self.events.items():
+            reached[live] |= np.asarray(info[k], bool).reshape(n)[live]
+        if self.mode_key:
+            self.modes[live] = np.asarray(info[self.mode_key], dtype=object).reshape(n)[live]
+        self.steps[live] += 1
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One dict per episode: max_reward, success, steps, final_coverage, each event, mode."""
+        out = []
+        for i in range(len(self.steps)):
+            row = {"max_reward": float(self.max_reward[i]), "success": bool(self.success[i])}
+            if self.final_cov is not None:
+                row["final_coverage"] = float(self.final_cov[i])
+            row.update({k: bool(v[i]) for k, v in self.events.items()})
+            if self.mode_key:
+                row["mode"] = str(self.modes[i]) or "none"
+            row["steps"] = int(self.steps[i])
+            out.append(row)
+        return out
+
+
+def summarize(seeds: list[int], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The paper's score (mean of each episode's max reward) and the rates, with their intervals;
+    each event's rate (p1, p2) and the frequency of each mode where the env reports them."""
     n = len(seeds)
-    return {
+    col = {k: np.asarray([r[k] for r in rows]) for k in rows[0] if k != "mode"} if rows else {}
+    max_reward, success = col["max_reward"], col["success"]
+    out: dict[str, Any] = {
         "mean_score": float(max_reward.mean()),
         "mean_score_ci95": _interval(max_reward),
         "success_rate": float(success.mean()),
         "success_rate_ci95": _wilson(int(success.sum()), n),
-        "mean_final_coverage": float(final_cov.mean()),
-        "mean_final_coverage_ci95": _interval(final_cov),
-        "n_episodes": n,
-        "per_seed": {
-            str(s): {
-                "max_reward": float(r),
-                "success": bool(ok),
-                "final_coverage": float(c),
-                "steps": int(k),
-            }
-            for s, r, ok, c, k in zip(seeds, max_reward, success, final_cov, steps)
-        },
     }
+    if "final_coverage" in col:
+        out["mean_final_coverage"] = float(col["final_coverage"].mean())
+        out["mean_final_coverage_ci95"] = _interval(col["final_coverage"])
+    for k in [k for k in col if k not in ("max_reward", "success", "final_coverage", "steps")]:
+        out[f"{k}_rate"] = float(col[k].mean())
+        out[f"{k}_rate_ci95"] = _wilson(int(col[k].sum()), n)
+    if rows and "mode" in rows[0]:
+        modes = [r["mode"] for r in rows]
+        out["mode_frequencies"] = {m: modes.count(m) / n for m in sorted(set(modes))}
+    out["n_episodes"] = n
+    out["per_seed"] = {str(s): r for s, r in zip(seeds, rows)}
+    return out
 
 
 def finish_metrics(

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from diffusion_policy.chunking import RealtimeController, as_obs_dict
-from diffusion_policy.evaluation.metrics import SUCCESS_COVERAGE, finish_metrics, summarize
+from diffusion_policy.evaluation.metrics import EpisodeStats, finish_metrics, summarize
 from diffusion_policy.evaluation.rollout import EvalError, make_env, video_path
 from diffusion_policy.execution import Smoothness, Strategy
 
@@ -45,7 +45,7 @@ def run_episode_realtime(
     obs, info = env.reset(seed=seed)
     clock, dt = controller.clock, controller.dt
     t0 = controller.reset(as_obs_dict(obs, obs_key))
-    max_reward, success, final_cov = 0.0, False, float(info["coverage"])
+    stats = EpisodeStats(1, getattr(env, "metadata", {}), info)
     holds = late = steps = 0
     last_action: np.ndarray | None = None
     meter = Smoothness()
@@ -65,15 +65,11 @@ def run_episode_realtime(
         last_action = action
         obs, reward, terminated, truncated, info = env.step(action)
         steps += 1
-        max_reward = max(max_reward, float(reward))
-        final_cov = float(info["coverage"])
-        success |= final_cov > SUCCESS_COVERAGE
+        stats.step(reward, info, np.ones(1, bool))
         if terminated or truncated:
             break
     return {
-        "max_reward": max_reward,
-        "success": success,
-        "final_cov": final_cov,
+        "row": stats.rows()[0],
         "steps": steps,
         "holds": holds,
         "late_ticks": late,
@@ -208,10 +204,7 @@ def evaluate_realtime(
     )
     fleet.run(n_robots, robot)
     rows = [fleet.results[s] for s in seeds]
-    col = {
-        k: np.asarray([r[k] for r in rows]) for k in ("max_reward", "success", "final_cov", "steps")
-    }
-    metrics = summarize(seeds, *col.values())
+    metrics = summarize(seeds, [r["row"] for r in rows])
     meter = Smoothness()
     for r in rows:
         meter.absorb(r["smoothness"])

@@ -22,7 +22,7 @@ from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
 from diffusion_policy.chunking import ObsHistory, as_obs_dict
 from diffusion_policy.config import EvalConfig, TaskConfig
 from diffusion_policy.errors import UserError
-from diffusion_policy.evaluation.metrics import SUCCESS_COVERAGE, finish_metrics, summarize
+from diffusion_policy.evaluation.metrics import EpisodeStats, finish_metrics, summarize
 from diffusion_policy.execution import (
     DEFAULT_BID_SAMPLES,
     DelayedExecution,
@@ -159,7 +159,7 @@ def evaluate(
     n_envs = min(cfg.n_envs or cfg.n_episodes, cfg.n_episodes)
     venv = _open_vector_env(task, cfg, n_envs)
     tracker = _StepTracker(progress, cfg)
-    results: dict[str, list] = {"max_reward": [], "success": [], "final_cov": [], "steps": []}
+    rows: list[dict[str, Any]] = []
     t0, finished = time.time(), False
     try:
         for w in range(0, cfg.n_episodes, n_envs):
@@ -178,13 +178,12 @@ def evaluate(
                 driver,
                 meter,
             )
-            for k in results:
-                results[k].extend(r[k][: len(wave)])
+            rows.extend(r[: len(wave)])
         finished = True
     finally:
         tracker.close()
         close_vector_env(venv, cfg.worker_timeout_s, graceful=finished)
-    metrics = summarize(seeds, *(np.asarray(results[k]) for k in results))
+    metrics = summarize(seeds, rows)
     metrics["execution"] = spec.describe(driver.n_action_steps)
     metrics["smoothness"] = meter.summary()
     return finish_metrics(metrics, started=t0, seed_start=cfg.seed_start, out=out, info=info)
@@ -324,7 +323,7 @@ def _run_wave(
     on_step: Callable[[np.ndarray, np.ndarray], None],
     driver: DelayedExecution,
     meter: Smoothness,
-) -> dict[str, list]:
+) -> list[dict[str, Any]]:
     """One wave, one control tick at a time: the driver says when plans are requested and merged."""
     n = len(seeds)
     venv.set_attr("video_path", video_paths)
@@ -335,10 +334,7 @@ def _run_wave(
     driver.reset()
     meter.start()
     done = np.zeros(n, bool)
-    max_reward = np.zeros(n)
-    success = np.zeros(n, bool)
-    final_cov = np.asarray(info["coverage"], dtype=float).copy()
-    steps = np.zeros(n, int)
+    stats = EpisodeStats(n, venv.metadata, info)
     action = None
     while not done.all():
         due, plan_id = driver.step(plan)
@@ -349,21 +345,11 @@ def _run_wave(
             meter.record(due, plan_id, ~done)
             action = due
         obs, reward, terminated, truncated, info = _call(venv, "step", cfg, action)
-        live = ~done
-        max_reward[live] = np.maximum(max_reward[live], reward[live])
-        cov = np.asarray(info["coverage"], dtype=float)
-        success[live] |= cov[live] > SUCCESS_COVERAGE
-        final_cov[live] = cov[live]
-        steps[live] += 1
+        stats.step(reward, info, ~done)
         done |= terminated | truncated
-        on_step(steps, done)
+        on_step(stats.steps, done)
         history.push(as_obs_dict(obs, obs_key))
-    return {
-        "max_reward": list(max_reward),
-        "success": list(success),
-        "final_cov": list(final_cov),
-        "steps": list(steps),
-    }
+    return stats.rows()
 
 
 def _call(venv: gym.vector.VectorEnv, method: str, cfg: EvalConfig, *args, **kwargs):

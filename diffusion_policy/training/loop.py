@@ -284,7 +284,7 @@ def rollout_metrics(run: Run, run_dir: Path, step: int) -> dict[str, Any]:
     return {
         "eval/mean_score": m["mean_score"],
         "eval/success_rate": m["success_rate"],
-        "eval/mean_final_coverage": m["mean_final_coverage"],
+        **{f"eval/{k}": m[k] for k in ("mean_final_coverage", "p1_rate", "p2_rate") if k in m},
     }
 
 
