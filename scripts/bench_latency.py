@@ -31,7 +31,7 @@ def _key(row: dict[str, Any]) -> tuple:
 def run_rows(args: argparse.Namespace) -> None:
     from diffusion_policy.evaluation.checkpoint_eval import EvalOptions, evaluate_checkpoint
 
-    path = Path(args.json)
+    path = Path(args.json[0])
     rows = json.loads(path.read_text()) if path.exists() else []
     done = {_key(r) for r in rows}
     for delay in args.delays:
@@ -135,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "checkpoint", nargs="?", help="checkpoint to evaluate (omit with --table/--plot)"
     )
-    p.add_argument("--json", required=True, help="rows are appended here; rows already in it are skipped")  # fmt: skip
+    p.add_argument("--json", required=True, action="append",
+                   help="rows are appended to the first; rows already in it are skipped; --table and "
+                   "--plot read every one given (measurements made by several processes)")  # fmt: skip
     p.add_argument("--label", default="policy")
     p.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
     p.add_argument("--delays", nargs="+", type=int, default=[0, 1, 2, 3, 4, 6])
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.checkpoint:
         run_rows(args)
-    rows = json.loads(Path(args.json).read_text()) if Path(args.json).exists() else []
+    rows = [r for f in args.json if Path(f).exists() for r in json.loads(Path(f).read_text())]
     if args.table or not args.checkpoint:
         print(table(rows))
     if args.plot:

@@ -511,6 +511,55 @@ def test_eval_through_the_server_equals_in_process_per_seed(server, ref_policy, 
     assert remote["per_seed"] == local["per_seed"]
 
 
+class SeededPlanner(SeededActor):
+    """In-process twin of RemoteActor.plan: call i plans with seed + i through guidance.plan_chunk."""
+
+    def __init__(self, policy, seed: int = 0):
+        super().__init__(policy, seed)
+        self.horizon, self.n_action_steps = policy.config.horizon, policy.config.n_action_steps
+
+    def plan(self, obs, prefix=None, delay=0, guidance="none", n_samples=16):
+        from diffusion_policy.policies.guidance import plan_chunk
+
+        gen = torch.Generator().manual_seed(self.seed + self.calls)
+        self.calls += 1
+        p = None if prefix is None else torch.as_tensor(prefix, dtype=torch.float32)
+        with torch.no_grad():
+            out = plan_chunk(self.policy, obs, generator=gen, prefix=p, delay=delay,
+                             guidance=guidance, n_samples=n_samples)  # fmt: skip
+        return out["action_pred"][:, self.n_obs_steps - 1 :].numpy()
+
+
+@pytest.mark.parametrize("strategy", ["rtc", "bid"])
+def test_delayed_rtc_and_bid_through_the_server_equal_in_process_per_seed(
+    server, ref_policy, ckpt, strategy
+) -> None:
+    """The executing prefix, the delay and the guidance cross the wire: a delayed evaluation through
+    `dp serve` plans exactly what the in-process planner does, and differs from plain async."""
+    from dataclasses import replace
+
+    from diffusion_policy.checkpoint import read_checkpoint_meta
+    from diffusion_policy.evaluation.rollout import evaluate
+    from diffusion_policy.execution import ExecutionSpec
+
+    _, cfg, _ = read_checkpoint_meta(ckpt)
+    ecfg = replace(cfg.eval, n_episodes=2, max_steps=20, n_envs=2, vector="sync", n_videos=0)
+    spec = ExecutionSpec(strategy=strategy, delay=2, n_samples=3)
+    local = evaluate(
+        SeededPlanner(ref_policy, seed=5), cfg.task, ecfg, progress=False, execution=spec
+    )
+    with PolicyClient(server.url) as client:
+        remote = evaluate(
+            RemoteActor(client, seed=5), cfg.task, ecfg, progress=False, execution=spec
+        )
+    assert remote["per_seed"] == local["per_seed"] and remote["smoothness"] == local["smoothness"]
+    plain = evaluate(
+        SeededPlanner(ref_policy, seed=5), cfg.task, ecfg, progress=False,
+        execution=ExecutionSpec(strategy="async", delay=2),
+    )  # fmt: skip
+    assert plain["smoothness"] != local["smoothness"]  # the guidance changed what was executed
+
+
 def test_dp_eval_cli_with_server_and_realtime(server, ckpt, tmp_path) -> None:
     from diffusion_policy.cli.main import main
 
