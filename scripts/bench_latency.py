@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import platform
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +30,14 @@ def _key(row: dict[str, Any]) -> tuple:
     return (row["label"], row["strategy"], row["delay"], row["n_action_steps"], row.get("variant"))
 
 
+def _evaluate(checkpoint: str, opts: Any) -> dict[str, Any]:
+    from diffusion_policy.evaluation.checkpoint_eval import evaluate_checkpoint
+
+    return evaluate_checkpoint(checkpoint, opts)[0]
+
+
 def run_rows(args: argparse.Namespace) -> None:
-    from diffusion_policy.evaluation.checkpoint_eval import EvalOptions, evaluate_checkpoint
+    from diffusion_policy.evaluation.checkpoint_eval import EvalOptions
 
     path = Path(args.json[0])
     rows = json.loads(path.read_text()) if path.exists() else []
@@ -55,7 +63,9 @@ def run_rows(args: argparse.Namespace) -> None:
                 ensemble_decay=args.ensemble_decay if strategy == "ensemble" else None,
                 seed=args.seed,
             )  # fmt: skip
-            m, _ = evaluate_checkpoint(args.checkpoint, opts)
+            # each row in a fresh process: compiled samplers of earlier rows never pile up
+            with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+                m = pool.submit(_evaluate, args.checkpoint, opts).result()
             s = m["smoothness"]
             row.update(
                 mean_score=m["mean_score"], ci=m["mean_score_ci95"], success=m["success_rate"],

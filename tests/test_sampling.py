@@ -128,6 +128,34 @@ def test_generator_draws_the_same_noise_on_both_paths():
     torch.testing.assert_close(outs[0]["action"], outs[1]["action"], rtol=0, atol=1e-3)
 
 
+def test_cpu_trace_serves_small_batches_and_large_ones_run_the_reference_loop(monkeypatch):
+    """The traced CPU kernel's buffers grow with the batch (6 GB at BID's 800 rows): above
+    CPU_TRACE_MAX_BATCH a chunk runs the reference loop, with the same result."""
+    import diffusion_policy.policies.diffusion as diffusion
+    from diffusion_policy.policies.diffusion_sampling import CPU_TRACE_MAX_BATCH
+
+    policy = _policy(STATE)
+    policy.set_sampler("ddim", 2)
+    policy.set_inference_backend("cpu")
+    built: list[int] = []
+    real = diffusion.FastSampler
+
+    def counting(*a, **k):
+        built.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(diffusion, "FastSampler", counting)
+    big = CPU_TRACE_MAX_BATCH + 1
+    obs, noise = _obs(STATE, big), torch.randn(big, 16, 2)
+    out = policy.predict_action_chunk(obs, noise=noise)["action_pred"]
+    assert built == []  # the large batch never reached the traced kernel
+    policy.predict_action_chunk(_obs(STATE, 2), noise=torch.randn(2, 16, 2))
+    assert built == [1]  # a small one does
+    policy.set_inference_backend("eager")
+    ref = policy.predict_action_chunk(obs, noise=noise)["action_pred"]
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
 def test_cpu_backend_repacks_after_weights_change_in_place():
     policy = _policy(STATE)
     policy.set_sampler("ddim", 2)

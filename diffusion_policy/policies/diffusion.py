@@ -22,7 +22,7 @@ from diffusion_policy.models.encoders import ObsEncoder
 from diffusion_policy.models.transformer import TransformerForDiffusion
 from diffusion_policy.models.unet1d import ConditionalUnet1D
 from diffusion_policy.policies.base import Policy, PolicyConfig
-from diffusion_policy.policies.diffusion_sampling import FastSampler
+from diffusion_policy.policies.diffusion_sampling import CPU_TRACE_MAX_BATCH, FastSampler
 from diffusion_policy.policies.sampler_names import BACKENDS, SAMPLERS, SPACINGS, TimestepSpacing
 from diffusion_policy.shapes import ShapeMeta
 
@@ -408,7 +408,7 @@ class DiffusionPolicy(Policy):
         noise: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         obs = self.check_obs(obs)
-        if self.inference_backend != "eager" and self.sampler_kind == "ddim":
+        if self._fast_applies(next(iter(obs.values())).shape[0]):
             action_pred = self._fast_sample(obs, generator, noise)
         else:
             cond = self.condition(self.normalize_obs(obs))
@@ -418,6 +418,13 @@ class DiffusionPolicy(Policy):
             "action": action_pred[:, self.executed_slice()],
             "action_pred": action_pred,
         }
+
+    def _fast_applies(self, batch: int) -> bool:
+        """DDIM through a FastSampler backend, except the traced CPU kernel above its batch limit."""
+        backend = self._active_backend()
+        if backend == "eager":
+            return False
+        return backend != "cpu" or batch <= CPU_TRACE_MAX_BATCH
 
     def _fast_sample(
         self,
