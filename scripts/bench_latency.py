@@ -108,9 +108,21 @@ def _line(r: dict[str, Any]) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    rows = sorted(rows, key=lambda r: (r["label"], r["n_action_steps"] or 0, r["delay"],
-                                       STRATEGIES.index(r["strategy"]), r.get("variant") or ""))  # fmt: skip
-    return "\n".join([HEADER, *(_line(r) for r in rows)])
+    """One markdown table per (policy, Ta), rows by delay then strategy."""
+    order = lambda r: (r["delay"], STRATEGIES.index(r["strategy"]), r.get("variant") or "")  # noqa: E731
+    groups = sorted({(r["label"], r["n_action_steps"] or 0) for r in rows})
+    ckpt_ta = "the checkpoint's"
+    out = []
+    for label, ta in groups:
+        mine = sorted((r for r in rows if (r["label"], r["n_action_steps"] or 0) == (label, ta)), key=order)  # fmt: skip
+        out += [
+            f"**{label}, Ta = {ta or ckpt_ta}**",
+            "",
+            HEADER,
+            *(_line(r) for r in mine),
+            "",
+        ]
+    return "\n".join(out)
 
 
 def plot(rows: list[dict[str, Any]], out: str) -> None:

@@ -133,8 +133,10 @@ def test_rtc_without_a_prefix_or_guidance_none_is_plain_sampling() -> None:
     assert torch.equal(run(policy, y, delay=D, guidance="none"), plain)
 
 
-def unet_policy(backend: str) -> DiffusionPolicy:
+def unet_policy(backend: str, backbone: str = "unet") -> DiffusionPolicy:
     cfg = DiffusionConfig(horizon=H, n_obs_steps=TO, n_action_steps=8, unet=toy_unet_config())
+    cfg.backbone = backbone
+    cfg.transformer = DiffusionConfig.tiny("transformer").transformer
     with torch.random.fork_rng():
         torch.manual_seed(0)
         policy = DiffusionPolicy(cfg, BimodalTask().shape_meta())
@@ -154,6 +156,17 @@ def test_rtc_runs_through_the_real_unet_in_the_eager_loop_whatever_the_backend()
     fast = run(unet_policy("cpu"), prefix, delay=D, guidance="rtc")
     assert torch.isfinite(eager).all() and torch.allclose(eager, fast, atol=1e-5)
     assert not torch.allclose(eager, run(unet_policy("eager")), atol=1e-3)  # the guidance acts
+
+
+def test_rtc_and_bid_run_through_the_transformer_backbone() -> None:
+    """DP-T plans with the same guidance: through policy.condition and model(x, t, cond)."""
+    prefix = torch.full((B, P, DA), 250.0)
+    policy = unet_policy("eager", backbone="transformer")
+    guided = run(policy, prefix, delay=D, guidance="rtc")
+    assert torch.isfinite(guided).all() and not torch.allclose(guided, run(policy), atol=1e-3)
+    gen = torch.Generator().manual_seed(2)
+    bid = plan_chunk(policy, OBS, generator=gen, prefix=prefix, delay=D, guidance="bid", n_samples=4)
+    assert bid["action_pred"].shape == guided.shape and torch.isfinite(bid["action_pred"]).all()
 
 
 def test_bid_picks_the_candidate_nearest_the_prefix() -> None:
