@@ -126,29 +126,41 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], out: str) -> None:
+    """Top: mean_score against delay; bottom: the mean action jump at chunk seams (inside chunks
+    dotted), one column per (policy, Ta)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = sorted({(r["label"], r["n_action_steps"]) for r in rows}, key=str)
-    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
-    for ax, (label, ta) in zip(axes[0], groups):
-        mine = [r for r in rows if (r["label"], r["n_action_steps"]) == (label, ta)]
+    groups = sorted({(r["label"], r["n_action_steps"] or 0) for r in rows}, key=str)
+    names = sorted({(r["strategy"], r.get("variant")) for r in rows}, key=str)
+    fig, axes = plt.subplots(2, len(groups), figsize=(5.5 * len(groups), 8), squeeze=False)
+    for col, (label, ta) in enumerate(groups):
+        mine = [r for r in rows if (r["label"], r["n_action_steps"] or 0) == (label, ta)]
+        top, bottom = axes[0][col], axes[1][col]
         for name in sorted({(r["strategy"], r.get("variant")) for r in mine}, key=str):
-            pts = sorted((r["delay"], r["mean_score"], r["ci"]) for r in mine
-                         if (r["strategy"], r.get("variant")) == name)  # fmt: skip
+            pts = sorted((r["delay"], r) for r in mine if (r["strategy"], r.get("variant")) == name)
             d = [p[0] for p in pts]
-            ax.errorbar(d, [p[1] for p in pts],
-                        yerr=[[p[1] - p[2][0] for p in pts], [p[2][1] - p[1] for p in pts]],
-                        marker="o", capsize=3, label=name[0] + (f" {name[1]}" if name[1] else ""))  # fmt: skip
-        ax.set_title(f"{label}, Ta={ta or 'checkpoint'}")
-        ax.set_xlabel("inference delay d (control steps, 100 ms each)")
-        ax.set_ylabel("mean_score (50 seeds, 95% CI)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+            score = [p[1]["mean_score"] for p in pts]
+            err = [[s - p[1]["ci"][0] for s, p in zip(score, pts)], [p[1]["ci"][1] - s for s, p in zip(score, pts)]]  # fmt: skip
+            text = name[0] + (f" {name[1]}" if name[1] else "")
+            colour = f"C{names.index(name)}"  # one colour per strategy in every panel
+            top.errorbar(d, score, yerr=err, marker="o", capsize=3, label=text, color=colour)
+            bottom.plot(d, [p[1]["seam_mean"] for p in pts], marker="o", label=text, color=colour)
+            bottom.plot(d, [p[1]["inside_mean"] for p in pts], ls=":", color=colour)
+        title = f"{label}, Ta = {ta or 'the checkpoint s (8)'}".replace(
+            "checkpoint s", "checkpoint's"
+        )
+        top.set_title(title)
+        top.set_ylabel("mean_score (50 seeds, 95% CI)")
+        bottom.set_ylabel("mean action jump at seams (solid) / inside chunks (dotted), px")
+        for ax in (top, bottom):
+            ax.set_xlabel("inference delay d (control steps, 100 ms each)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=100)
     print(f"wrote {out}")
 
 
@@ -179,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.checkpoint:
         run_rows(args)
     rows = [r for f in args.json if Path(f).exists() for r in json.loads(Path(f).read_text())]
+    rows = list(
+        {_key(r): r for r in reversed(rows)}.values()
+    )  # a row measured twice: the first file's
     if args.table or not args.checkpoint:
         print(table(rows))
     if args.plot:

@@ -209,6 +209,7 @@ def evaluate_realtime(
     for r in rows:
         meter.absorb(r["smoothness"])
     meter.holds = 0  # counted with the wall clock's timing, as hold_ticks
+    meter.dropped = sum(r["dropped"] for r in rows)  # stale on arrival, by the executors' clocks
     decay = ensemble_decay if strategy is None else strategy.decay
     metrics["realtime"] = {
         "control_hz": task.control_hz,
