@@ -165,7 +165,9 @@ def test_rtc_and_bid_run_through_the_transformer_backbone() -> None:
     guided = run(policy, prefix, delay=D, guidance="rtc")
     assert torch.isfinite(guided).all() and not torch.allclose(guided, run(policy), atol=1e-3)
     gen = torch.Generator().manual_seed(2)
-    bid = plan_chunk(policy, OBS, generator=gen, prefix=prefix, delay=D, guidance="bid", n_samples=4)
+    bid = plan_chunk(
+        policy, OBS, generator=gen, prefix=prefix, delay=D, guidance="bid", n_samples=4
+    )
     assert bid["action_pred"].shape == guided.shape and torch.isfinite(bid["action_pred"]).all()
 
 
