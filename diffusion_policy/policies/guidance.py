@@ -65,22 +65,8 @@ def check_plan_args(
     max_samples: int = MAX_SAMPLES,
 ) -> None:
     """Raise ConfigError naming the argument that does not fit `policy`."""
-    c = policy.config
-    check_plan_fields(
-        PlanLimits(
-            c.horizon,
-            c.n_obs_steps,
-            policy.shape_meta.action_dim,
-            supported_guidances(policy),
-            max_samples,
-            type(policy).__name__,
-        ),
-        rows,
-        prefix_shape,
-        delay,
-        guidance,
-        n_samples,
-    )
+    limits = PlanLimits.of(policy, max_samples)
+    check_plan_fields(limits, rows, prefix_shape, delay, guidance, n_samples)
 
 
 @dataclass(frozen=True)
@@ -93,6 +79,19 @@ class PlanLimits:
     guidances: tuple[str, ...]
     max_samples: int = MAX_SAMPLES
     policy_name: str = "the policy"
+
+    @classmethod
+    def of(cls, policy: Any, max_samples: int = MAX_SAMPLES) -> PlanLimits:
+        """The limits of `policy` (in-process planning and the server check the same ones)."""
+        c = policy.config
+        return cls(
+            c.horizon,
+            c.n_obs_steps,
+            policy.shape_meta.action_dim,
+            supported_guidances(policy),
+            max_samples,
+            type(policy).__name__,
+        )
 
 
 def check_plan_fields(

@@ -63,7 +63,6 @@ from diffusion_policy.policies.guidance import (
     PlanLimits,
     check_plan_fields,
     plan_chunk,
-    supported_guidances,
 )
 from diffusion_policy.serving.protocol import (
     MAX_REQUEST_OBJECTS,
@@ -83,7 +82,7 @@ INLINE_PARSE_BYTES = 64 * 1024  # at most MAX_REQUEST_OBJECTS objects in 64 KiB:
 # An observation further than this many training ranges outside its range is in other units or
 # broken (a keypoint 50,000 px off a 500 px workspace); the policy's answer to it means nothing.
 MAX_OBS_EXCESS = 100.0
-MAX_SAMPLES = 64  # bid candidates per row a request may ask for (rows x this in one pass)
+SERVE_MAX_SAMPLES = 64  # bid candidates per row a request may ask for (rows x this in one pass)
 
 
 class RequestError(ValueError):
@@ -337,15 +336,7 @@ class InferenceEngine:
         self.sizes = built_batch_sizes(max_batch) if self.per_size else []
         self.ready: set[int] = set(self.sizes)  # until warm-up says otherwise: built on first use
         self.obs_ranges = policy.observation_ranges()
-        pc = policy.config
-        self.plan_limits = PlanLimits(
-            pc.horizon,
-            pc.n_obs_steps,
-            policy.shape_meta.action_dim,
-            supported_guidances(policy),
-            MAX_SAMPLES,
-            type(policy).__name__,
-        )
+        self.plan_limits = PlanLimits.of(policy, SERVE_MAX_SAMPLES)
 
     def run(self, requests: list[InferenceRequest]) -> list[InferenceResult | BaseException]:
         """One call per batch; never raises, a failed group's requests get its exception."""
