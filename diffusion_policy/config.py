@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from diffusion_policy.errors import ConfigError
@@ -416,7 +416,7 @@ def _preset_path(preset: str) -> Path:
             raise ConfigError(f"preset file {preset!r} does not exist")
         return p
     named = CONFIG_DIR / f"{preset}.yaml"
-    if named.is_file() and p.name == preset:
+    if named.is_file() and (p.name == preset or p.parts[0] == "tasks"):  # tasks/NAME: a task alone
         return named
     if p.is_file():
         return p
@@ -438,8 +438,12 @@ def _load_preset(preset: str, seen: tuple[str, ...] = ()) -> DictConfig:
         raise ConfigError(f"preset {path}: expected a mapping at the top level")
     node = _upgrade(node)  # before the merge, so a flat child key overrides a sectioned parent
     parent = node.pop("inherit", None)
-    if parent is not None:
-        node = OmegaConf.merge(_load_preset(str(parent), (*seen, str(path))), node)
+    # `inherit: [a, b]` merges a, then b, then this file: a policy recipe and a task compose
+    # without copying either (blockpush_ibc_state_cpu is pusht_ibc_state_cpu's recipe on blockpush).
+    parents = list(parent) if isinstance(parent, ListConfig) else [] if parent is None else [parent]
+    if parents:
+        trail = (*seen, str(path))
+        node = OmegaConf.merge(*(_load_preset(str(p), trail) for p in parents), node)
     return node
 
 

@@ -143,6 +143,14 @@ def test_generate_blockpush_store_validates_and_prints_its_modes(tmp_path, capsy
     assert main(["data", "generate", "blockpush", "--episodes", str(n), "--out", str(out), "--seed", str(start), "--workers", "1"]) == 0  # fmt: skip
     printed = capsys.readouterr().out
     assert main(["data", "validate", str(out), "--task", "none"]) == 0
+    capsys.readouterr()
+    # checked against a preset's declared task: the sources and shapes it reads, named when wrong
+    assert main(["data", "validate", str(out), "--task", "blockpush_smoke"]) == 0
+    assert "trains    blockpush_smoke (task blockpush): state [16], action [2]" in capsys.readouterr().out  # fmt: skip
+    assert main(["data", "validate", str(out), "--task", "smoke"]) == 1
+    said = capsys.readouterr().out
+    assert "cannot    train smoke (task pusht)" in said and "missing key data/keypoint" in said
+    assert main(["data", "validate", str(out), "--task", "no_such_preset"]) == 2
     buf = ReplayBuffer.load(out)
     assert sorted(buf.keys()) == ["action", "obs"]
     assert buf["obs"].shape[1:] == (16,) and buf["obs"].dtype == np.float32

@@ -106,6 +106,23 @@ def test_inherit_chain(tmp_path):
     assert cfg.train.batch_size == 5 and cfg.policy.unet.down_dims == [16, 32]
 
 
+def test_inherit_list_merges_a_recipe_and_a_task_in_order(tmp_path):
+    # configs/tasks/NAME holds a task alone; a preset combines it with any policy's recipe
+    cfg = load_config("blockpush_ibc_state_cpu")
+    ibc = load_config("pusht_ibc_state_cpu")
+    assert cfg.policy == ibc.policy and cfg.task.name == "blockpush" and cfg.eval.max_steps == 350
+    assert cfg.task.env_id == "BlockPushMultimodal-v0" and list(cfg.task.obs) == ["state"]
+    later = tmp_path / "later.yaml"  # later parents win over earlier ones, the file over both
+    later.write_text("inherit: [smoke, tasks/blockpush]\ntrain:\n  batch_size: 3\n")
+    cfg = load_config(str(later))
+    assert cfg.task.name == "blockpush" and cfg.eval.max_steps == 350 and cfg.eval.n_envs == 2
+    assert cfg.train.batch_size == 3 and cfg.policy.unet.down_dims == [16, 32]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("inherit: [smoke, tasks/nope]\n")
+    with pytest.raises(ConfigError, match="unknown preset 'tasks/nope'"):
+        load_config(str(bad))
+
+
 def test_resume_overrides_only_safe_keys():
     cfg = load_config("smoke")
     assert (

@@ -89,9 +89,10 @@ def _args_validate(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--task",
-        choices=["pusht", "none"],
         default="pusht",
-        help="whose needs to check (default pusht; none: only the store itself)",
+        metavar="{pusht,none,PRESET}",
+        help="whose needs to check (default pusht; none: only the store itself; a preset name or "
+        "yaml, e.g. blockpush_diffusion_state: the sources, dtypes and shapes its task declares)",
     )
     p.add_argument("--manifest", default=None, help=argparse.SUPPRESS)  # tests: another manifest
 

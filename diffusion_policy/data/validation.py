@@ -5,7 +5,8 @@ Three checks, one decode of the data:
      chunk decoded, values finite and of plausible magnitude, no low-dim outliers.
   2. A store named like a published one (its directory name is in datasets/manifests/) must match the
      shipped manifest's digests: v2 chunks carry no checksum, so a flipped byte can decode silently.
-  3. The task's needs: which Push-T observation types this store can train (keys, dtypes, shapes).
+  3. The task's needs: which Push-T observation types this store can train (keys, dtypes, shapes),
+     or, given a preset, whether the store has every source its declared task spec reads.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from dataclasses import dataclass, field
 from diffusion_policy.data import pusht_format
 from diffusion_policy.data.fetch import Digester, buffer_digests, compare_digests, known_manifest
 from diffusion_policy.data.replay_buffer import ReplayBuffer, validate
-
-TASKS = ("pusht", "none")
 
 
 @dataclass
@@ -49,7 +48,26 @@ def check_store(
         _check_manifest(report, buf, digester, manifest)
     if task == "pusht":
         _check_pusht(report, buf, obs_type)
+    elif task != "none":
+        _check_preset(report, buf, task)
     return report
+
+
+def _check_preset(report: StoreReport, buf: ReplayBuffer, preset: str) -> None:
+    """The store against a preset's declared task (task.obs and task.action), as training reads it."""
+    from diffusion_policy.config import load_config
+    from diffusion_policy.data.datasets import task_spec
+    from diffusion_policy.data.task_spec import check_spec
+    from diffusion_policy.errors import DataError
+
+    cfg = load_config(preset)  # an unknown preset or a bad config is a ConfigError naming it
+    try:
+        shapes = check_spec(buf, task_spec(cfg.task))
+    except DataError as e:
+        report.problems.append(f"cannot    train {preset} (task {cfg.task.name}): {e}")
+        return
+    keys = ", ".join(f"{k} {list(v)}" for k, v in shapes.items())
+    report.notes.append(f"trains    {preset} (task {cfg.task.name}): {keys}")
 
 
 def _check_manifest(report: StoreReport, buf: ReplayBuffer, digester: Digester, m: dict) -> None:
