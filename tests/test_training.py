@@ -107,7 +107,12 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     assert "train.nope" in capsys.readouterr().err
     assert main(["train", "smoke", f"task.dataset={tmp_path / 'missing.zarr'}"]) == 2
     err = capsys.readouterr().err
-    assert "missing.zarr" in err and "dp data" in err
+    assert "missing.zarr" in err and "dp data fetch pusht" in err
+    # a declared task with a scripted demonstrator names the command that makes its store
+    assert main(["train", "blockpush_smoke", f"task.dataset={tmp_path / 'bp.zarr'}"]) == 2
+    assert f"`dp data generate blockpush --episodes 1000 --out {tmp_path / 'bp.zarr'}`" in capsys.readouterr().err  # fmt: skip
+    assert main(["train", "blockpush_smoke", "task.name=my_robot", f"task.dataset={tmp_path / 'r.zarr'}"]) == 2  # fmt: skip
+    assert "set task.dataset to your replay-buffer store" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "no_such_ckpt")]) == 2
     assert "does not exist" in capsys.readouterr().err
 

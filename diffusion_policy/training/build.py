@@ -151,16 +151,23 @@ class Run:
                 f"{' | CUDA graph' if self.learner.cuda_graph else ''}{' | compiled' if t.compile else ''}")  # fmt: skip
 
 
+def _how_to_get(task: str, path: Path, declared: bool) -> str:
+    """The command that makes a missing store: published data is fetched, a scripted task's generated."""
+    from diffusion_policy.data.expert import DEMONSTRATORS
+
+    if not declared:  # the Push-T obs_type shorthand reads the published human demonstrations
+        return f"run `dp data fetch pusht` (or `dp data generate pusht --out {path}` offline), or set task.dataset=PATH"  # fmt: skip
+    if task in DEMONSTRATORS:
+        return f"make it with `dp data generate {task} --episodes 1000 --out {path}`, or set task.dataset=PATH"  # fmt: skip
+    return "set task.dataset to your replay-buffer store"
+
+
 def load_datasets(cfg: Config, device: str) -> tuple[Any, Any | None, str]:
     """(train, validation or None, the device they sit on): on `device` when data.resident."""
     p = cfg.policy
     dataset_path = Path(cfg.task.dataset)
     if not dataset_path.exists():
-        raise DataError(
-            f"dataset {dataset_path} not found: run `dp data fetch pusht` (or `dp data generate pusht --out {dataset_path}` offline), or set task.dataset=PATH"
-            if not cfg.task.obs
-            else f"dataset {dataset_path} not found: set task.dataset to your replay-buffer store"
-        )
+        raise DataError(f"dataset {dataset_path} not found: {_how_to_get(cfg.task.name, dataset_path, bool(cfg.task.obs))}")  # fmt: skip
     spec = task_spec(cfg.task)
     where, why = residency(cfg.data.resident, frames_nbytes(ReplayBuffer.open(dataset_path, "r", keys=[]), spec), device)  # fmt: skip
     if cfg.data.resident == "auto" and where != "device":
