@@ -20,4 +20,6 @@ def test_old_checkpoint_gives_the_same_actions(name, one_thread):
     obs = {k[len("obs_") :]: saved[k] for k in saved.files if k.startswith("obs_")}
     with torch.no_grad():
         out = policy.predict_action_chunk(obs, generator=torch.Generator().manual_seed(7))
-    np.testing.assert_allclose(out["action"].numpy(), saved["action"], rtol=0, atol=1e-5)
+    # actions are Push-T pixels (0-512): 1e-3 px is float32 rounding across kernels and the order the
+    # tests ran in (3e-4 px seen in one process after the whole suite); wrong weights move them by pixels
+    np.testing.assert_allclose(out["action"].numpy(), saved["action"], rtol=0, atol=1e-3)
