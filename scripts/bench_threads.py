@@ -1,4 +1,4 @@
-"""Training it/s of the CPU state preset per torch thread setting, idle and with a competitor.
+"""Training it/s of a CPU preset per torch thread setting, idle and with a competitor.
 
 Why: on a 2-core machine one busy process on one core made torch's default (N threads, OpenMP
 spin-waiting) 6-17x slower; this measures which setting survives. Each setting runs in its own
@@ -9,6 +9,7 @@ kills it after the setting's run.
 
     PYTHONPATH=$PWD python scripts/bench_threads.py --steps 60 --warmup 10 \
         --dataset /work/shared/data/pusht/pusht_cchi_v7_replay.zarr
+    PYTHONPATH=$PWD python scripts/bench_threads.py --preset pusht_diffusion_image_cpu --steps 40
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ def settings(n: int) -> list[tuple[str, dict[str, str]]]:
     ]
 
 
+def child_env(env: dict[str, str]) -> dict[str, str]:
+    """This process's environment without its OpenMP settings, plus the setting's."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))} | env
+
+
 def child(args) -> int:
     """One measurement in this process (its env is the setting's)."""
     import torch
@@ -55,7 +61,7 @@ def child(args) -> int:
         "train.cadence.checkpoint_every=0", "train.cadence.log_every=5", "train.progress=false",
         "wandb.mode=disabled", f"train.num_threads={torch.get_num_threads()}",
     ]  # fmt: skip
-    train(load_config(PRESET, overrides))
+    train(load_config(args.preset, overrides))
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "train/loss" in r]
     first = next(r for r in rows if r["step"] >= args.warmup)
@@ -68,8 +74,8 @@ def child(args) -> int:
 def measure(label: str, env: dict[str, str], contended: bool, args, root: Path) -> dict:
     run_dir = root / f"run_{len(list(root.iterdir()))}"
     cmd = [sys.executable, __file__, "--child", "--run-dir", str(run_dir), "--dataset", args.dataset,
-           "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")} | env
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--preset", args.preset]  # fmt: skip
+    full_env = child_env(env)
     busy = (
         subprocess.Popen(["taskset", "-c", "0", sys.executable, "-c", BUSY]) if contended else None
     )
@@ -95,6 +101,7 @@ def measure(label: str, env: dict[str, str], contended: bool, args, root: Path) 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--dataset", default=DEFAULT_DATA)
+    ap.add_argument("--preset", default=PRESET, help=f"the preset to train (default {PRESET})")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--timeout", type=int, default=240, help="seconds per setting")
@@ -113,7 +120,7 @@ def main() -> int:
             print(json.dumps(r), flush=True)
             results.append(r)
     shutil.rmtree(root, ignore_errors=True)
-    print(f"\n{PRESET}, {args.steps} steps after {args.warmup} warm-up; {platform.machine()} "
+    print(f"\n{args.preset}, {args.steps} steps after {args.warmup} warm-up; {platform.machine()} "
           f"{n} cores, {platform.processor() or platform.platform()}")  # fmt: skip
     print(f"{'setting':<36} {'idle it/s':>10} {'contended it/s':>15}")
     for label, _ in settings(n):
