@@ -7,15 +7,19 @@ difference between the columns is the data path alone (also timed by itself: get
 the CPU, and on CUDA when present; --amp adds bf16-autocast rows (what train.amp=true does). Times
 are medians over --steps steps after --warmup, so a busy machine's stalls do not dominate; the load
 average is printed with the table. --crops times only the batched crop against alternatives.
+--profile splits one preset's step into its parts (where the time goes), the trunk in both memory
+layouts.
 
     .venv/bin/python scripts/bench_image_train.py --threads 1                 # both presets
     .venv/bin/python scripts/bench_image_train.py --presets pusht_diffusion_image --steps 2 --warmup 1
     .venv/bin/python scripts/bench_image_train.py --amp --crops
+    .venv/bin/python scripts/bench_image_train.py --profile --presets pusht_diffusion_image_cpu --steps 15
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import time
@@ -114,6 +118,72 @@ def bench(
     }
 
 
+def profile(preset: str, ds: PushTDataset, device: str, warmup: int, steps: int) -> list[tuple[str, float]]:  # fmt: skip
+    """(part, median ms) of one training step of `preset`, each part timed alone on the same batch."""
+    cfg = load_config(preset, ["train.device=" + device])
+    torch.manual_seed(0)
+    policy = policy_class(cfg.policy.name)(cfg.policy, ds.shape_meta)
+    policy.fit_normalizer(ds.normalizer_data())
+    policy.to(device).train()
+    ema = EMAModel(policy, power=cfg.train.ema.power, max_decay=cfg.train.ema.max_decay)
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.train.optim.lr)
+    bs, to = cfg.train.batch_size, cfg.policy.n_obs_steps
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    batch = ds.get_batch(batch_indices(len(ds), bs, 0, 0, Dist(), device))
+    noise = policy.sample_training_noise(bs, step_generator(0, 0, device))
+    key, enc = next(iter(policy.obs_encoder.image_encoders.items()))
+    frames = batch["obs"][key][:, :to].flatten(0, 1)  # (B * To, H, W, 3) uint8
+    with torch.no_grad():
+        img = enc.preprocess(frames)
+        cond = policy.condition(policy.normalize_obs(batch["obs"]))
+    contiguous = copy.deepcopy(enc).to(memory_format=torch.contiguous_format)
+    img_contiguous = img.contiguous()
+    action = policy.normalizer.normalize("action", batch["action"])
+    noisy = policy.noise_scheduler.add_noise(action, noise["noise"], noise["timesteps"])
+
+    def trunk(e: torch.nn.Module, x: torch.Tensor) -> None:
+        e.zero_grad(set_to_none=True)
+        torch.relu(e.proj(e.pool(e.backbone(x)))).sum().backward()
+
+    def unet() -> None:
+        policy.model.zero_grad(set_to_none=True)
+        policy.model(noisy, noise["timesteps"], cond).sum().backward()
+
+    def full() -> None:
+        loss = policy.compute_loss({**batch, **noise})
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ema.step(policy)
+
+    def optimiser() -> None:
+        opt.step()
+        ema.step(policy)
+
+    parts: dict[str, Callable[[], object]] = {
+        "index the batch from the resident uint8 frames (get_batch)": lambda: ds.get_batch(
+            batch_indices(len(ds), bs, 1, 0, Dist(), device)
+        ),
+        f"resize {tuple(frames.shape[1:3])} -> {enc.resize_shape}, random crop, to float (B * To frames)": lambda: (
+            enc.preprocess(frames)
+        ),  # fmt: skip
+        "ResNet-18 trunk + spatial softmax + linear, forward + backward (channels-last, ours)": lambda: (
+            trunk(enc, img)
+        ),  # fmt: skip
+        "the same, contiguous (NCHW) weights and input": lambda: trunk(contiguous, img_contiguous),
+        "UNet forward + backward": unet,
+        "AdamW + EMA update": optimiser,
+        "the whole step (loss, backward, AdamW, EMA; data not included)": full,
+    }
+    out = []
+    for name, fn in parts.items():
+        grad = not name.startswith(("index", "resize"))
+        with torch.set_grad_enabled(grad):
+            ms = 1e3 * statistics.median(time_steps(lambda _, f=fn: f(), warmup, steps, sync))
+        out.append((name, ms))
+    return out
+
+
 def bench_crops(device: str, n: int = 128, reps: int = 20) -> list[tuple[str, float]]:
     """ms from n uint8 (96, 96, 3) frames to the encoder's input: n random 84x84 crops as a
     contiguous float (n, 3, 84, 84) in [-1, 1]. The same conversion follows every crop variant."""
@@ -170,6 +240,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch default")
     ap.add_argument("--amp", action="store_true", help="also time bf16 autocast (train.amp)")
     ap.add_argument("--crops", action="store_true", help="only time the batched crop variants")
+    ap.add_argument(
+        "--profile", action="store_true", help="split a step into its parts (per preset)"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -192,6 +265,18 @@ def main() -> None:
     t = time.time()
     ds, _ = make_pusht_datasets(args.path, "pixels_agent_pos", 16, 2, 8)
     print(f"dataset: {len(ds)} train windows, frames uint8, loaded in {time.time() - t:.0f} s\n")
+    if args.profile:
+        for device in devices:
+            ds.to(device)
+            for preset in args.presets:
+                steps = args.cpu_steps if device == "cpu" and args.cpu_steps else args.steps
+                rows = profile(preset, ds, device, args.warmup, steps)
+                whole = rows[-1][1]
+                print(f"| {preset} on {device}, batch 64: part of a step | ms | share of the step |\n|---|---:|---:|")  # fmt: skip
+                for name, ms in rows:
+                    print(f"| {name} | {ms:.1f} | {100 * ms / whole:.0f} % |", flush=True)
+                print()
+        return
     print("| preset | device | autocast | batch | params | GFLOP/step | model step (samples/s) | full step (samples/s) | ms/step model / full | get_batch ms |")  # fmt: skip
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for device in devices:
