@@ -73,15 +73,24 @@ def time_steps(
     return times
 
 
-def bench(
-    preset: str, ds: PushTDataset, device: str, amp: bool, warmup: int, steps: int
-) -> dict[str, float]:
+def build(preset: str, ds: PushTDataset, device: str):
+    """The preset's config, its policy (seed 0, normaliser fitted, train mode) and an EMA of it."""
     cfg = load_config(preset, ["train.device=" + device])
     torch.manual_seed(0)
     policy = policy_class(cfg.policy.name)(cfg.policy, ds.shape_meta)
     policy.fit_normalizer(ds.normalizer_data())
     policy.to(device).train()
-    ema = EMAModel(policy, power=cfg.train.ema.power, max_decay=cfg.train.ema.max_decay)
+    return (
+        cfg,
+        policy,
+        EMAModel(policy, power=cfg.train.ema.power, max_decay=cfg.train.ema.max_decay),
+    )
+
+
+def bench(
+    preset: str, ds: PushTDataset, device: str, amp: bool, warmup: int, steps: int
+) -> dict[str, float]:
+    cfg, policy, ema = build(preset, ds, device)
     opt = torch.optim.AdamW(
         policy.parameters(), lr=cfg.train.optim.lr, betas=tuple(cfg.train.optim.betas),
         weight_decay=cfg.train.optim.weight_decay, fused=device.startswith("cuda"),
@@ -120,12 +129,7 @@ def bench(
 
 def profile(preset: str, ds: PushTDataset, device: str, warmup: int, steps: int) -> list[tuple[str, float]]:  # fmt: skip
     """(part, median ms) of one training step of `preset`, each part timed alone on the same batch."""
-    cfg = load_config(preset, ["train.device=" + device])
-    torch.manual_seed(0)
-    policy = policy_class(cfg.policy.name)(cfg.policy, ds.shape_meta)
-    policy.fit_normalizer(ds.normalizer_data())
-    policy.to(device).train()
-    ema = EMAModel(policy, power=cfg.train.ema.power, max_decay=cfg.train.ema.max_decay)
+    cfg, policy, ema = build(preset, ds, device)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.train.optim.lr)
     bs, to = cfg.train.batch_size, cfg.policy.n_obs_steps
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
