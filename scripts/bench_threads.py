@@ -30,20 +30,26 @@ DEFAULT_DATA = os.environ.get("DP_PUSHT_ZARR", "/work/shared/data/pusht/pusht_cc
 BUSY = "while True: pass"
 
 
+ADAPTIVE = "adaptive (dp's default)"
+
+
 def settings(n: int) -> list[tuple[str, dict[str, str]]]:
-    """(label, environment) per setting; N-1 is 1 where the machine has 2 cores."""
+    """(label, environment) per setting; N-1 is 1 where the machine has 2 cores. The adaptive
+    one trains with train.num_threads=0 and no OMP_NUM_THREADS: threads.py's guard."""
     nm1 = max(1, n - 1)
     return [
         ("1 thread", {"OMP_NUM_THREADS": "1"}),
         (f"N-1 = {nm1} thread(s)", {"OMP_NUM_THREADS": str(nm1)}),
         (f"N = {n} threads (torch default)", {}),
         (f"N = {n}, OMP_WAIT_POLICY=PASSIVE", {"OMP_WAIT_POLICY": "PASSIVE"}),
+        (ADAPTIVE, {}),
     ]
 
 
 def child_env(env: dict[str, str]) -> dict[str, str]:
     """This process's environment without its OpenMP settings, plus the setting's."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))} | env
+    drop = ("OMP_", "GOMP_", "DP_AUTO_")
+    return {k: v for k, v in os.environ.items() if not k.startswith(drop)} | env
 
 
 def child(args) -> int:
@@ -59,7 +65,7 @@ def child(args) -> int:
         f"train.max_steps={args.steps}", "train.budget_min=null", "train.time_limit_min=null",
         "train.cadence.eval_every=0", "train.cadence.final_eval=false", "train.cadence.val_every=0",
         "train.cadence.checkpoint_every=0", "train.cadence.log_every=5", "train.progress=false",
-        "wandb.mode=disabled", f"train.num_threads={torch.get_num_threads()}",
+        "wandb.mode=disabled", f"train.num_threads={0 if args.adaptive else torch.get_num_threads()}",
     ]  # fmt: skip
     train(load_config(args.preset, overrides))
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -67,7 +73,9 @@ def child(args) -> int:
     first = next(r for r in rows if r["step"] >= args.warmup)
     last = rows[-1]
     its = (last["step"] - first["step"]) / max(last["time"] - first["time"], 1e-9)
-    print("RESULT " + json.dumps({"it_s": its, "threads": torch.get_num_threads()}), flush=True)
+    used = [r["sys/threads"] for r in rows if r["step"] >= args.warmup]
+    threads = sum(used) / len(used)  # the adaptive setting's mean over the measured steps
+    print("RESULT " + json.dumps({"it_s": its, "threads": round(threads, 2)}), flush=True)
     return 0
 
 
@@ -75,6 +83,8 @@ def measure(label: str, env: dict[str, str], contended: bool, args, root: Path) 
     run_dir = root / f"run_{len(list(root.iterdir()))}"
     cmd = [sys.executable, __file__, "--child", "--run-dir", str(run_dir), "--dataset", args.dataset,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--preset", args.preset]  # fmt: skip
+    if label == ADAPTIVE:
+        cmd.append("--adaptive")
     full_env = child_env(env)
     busy = (
         subprocess.Popen(["taskset", "-c", "0", sys.executable, "-c", BUSY]) if contended else None
@@ -107,6 +117,7 @@ def main() -> int:
     ap.add_argument("--timeout", type=int, default=240, help="seconds per setting")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--run-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--adaptive", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
     if args.child:
@@ -122,13 +133,15 @@ def main() -> int:
     shutil.rmtree(root, ignore_errors=True)
     print(f"\n{args.preset}, {args.steps} steps after {args.warmup} warm-up; {platform.machine()} "
           f"{n} cores, {platform.processor() or platform.platform()}")  # fmt: skip
-    print(f"{'setting':<36} {'idle it/s':>10} {'contended it/s':>15}")
+    print("| setting | idle it/s | contended it/s | threads used (idle / contended) |")
+    print("|---|---:|---:|---:|")
     for label, _ in settings(n):
-        cells = []
+        its, used = [], []
         for contended in (False, True):
             r = next(x for x in results if x["label"] == label and x["contended"] == contended)
-            cells.append(f"{r['it_s']:.2f}" if "it_s" in r else "failed")
-        print(f"{label:<36} {cells[0]:>10} {cells[1]:>15}")
+            its.append(f"{r['it_s']:.2f}" if "it_s" in r else "failed")
+            used.append(f"{r['threads']:g}" if "threads" in r else "-")
+        print(f"| {label} | {its[0]} | {its[1]} | {used[0]} / {used[1]} |")
     print("contended: a busy `python -c 'while True: pass'` pinned with taskset -c 0")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

@@ -130,6 +130,38 @@ def test_a_budgeted_run_stops_at_its_budget_and_still_evaluates(pusht_zarr, tmp_
 
 
 @pytest.mark.real_data
+def test_a_periodic_evaluation_that_uses_up_the_budget_is_the_final_one(pusht_zarr, tmp_path, monkeypatch):  # fmt: skip
+    """Not a second evaluation of the same weights one step later (the 2-hour image run did that)."""
+    import diffusion_policy.training.loop as loop
+
+    clock, run_dir, evaluated = FakeClock(), tmp_path / "run", []
+    real = loop.evaluation_metrics
+
+    def slow_eval(run, run_dir, step):
+        evaluated.append(step)
+        clock.t += 15.0  # an evaluation longer than the training time left (30 - 20 s)
+        return real(run, run_dir, step)
+
+    monkeypatch.setattr(loop, "evaluation_metrics", slow_eval)
+    cfg = _budgeted(pusht_zarr, run_dir, "train.cadence.eval_every=2", "train.cadence.checkpoint_every=0")  # fmt: skip
+    train(cfg, build=_ticking_build(clock, 10.0), clock=clock)
+    assert evaluated == [
+        2
+    ]  # at step 2 (20 s) the evaluation took the run past its 30 s of training
+    assert [r["step"] for r in _rows(run_dir) if "train/loss" in r] == [1, 2]
+    meta = json.loads((run_dir / "checkpoints" / "latest" / "meta.json").read_text())
+    assert meta["step"] == 2 and meta["budget_used_s"] == pytest.approx(35.0)
+    # with time left after it, a periodic evaluation is not the last one
+    clock, evaluated[:] = FakeClock(), []
+    monkeypatch.setattr(
+        loop, "evaluation_metrics", lambda r, d, s: evaluated.append(s) or real(r, d, s)
+    )
+    cfg = _budgeted(pusht_zarr, tmp_path / "run2", "train.cadence.eval_every=2", "train.cadence.checkpoint_every=0")  # fmt: skip
+    train(cfg, build=_ticking_build(clock, 10.0), clock=clock)
+    assert evaluated == [2, 3]  # periodic at 2, final at 3
+
+
+@pytest.mark.real_data
 def test_a_resumed_budgeted_run_continues_from_the_time_used(pusht_zarr, tmp_path):
     clock = FakeClock()
     straight, split = tmp_path / "straight", tmp_path / "split"

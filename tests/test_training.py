@@ -33,6 +33,7 @@ def test_train_resume_is_bit_for_bit_and_eval_runs(pusht_zarr, tmp_path, capsys)
         "train.max_steps=6",
         "train.eval_every=0",
         "train.val_every=3",
+        "train.num_threads=1",  # bit-for-bit needs a fixed count: 1 and 2 threads round differently
     ]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert main(["train", *common, f"run_dir={straight}"]) == 0
@@ -52,6 +53,7 @@ def test_train_resume_is_bit_for_bit_and_eval_runs(pusht_zarr, tmp_path, capsys)
     assert (straight / "config.yaml").exists()
     lines = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
     assert any("train/loss" in x for x in lines) and any("val/loss" in x for x in lines)
+    assert all(x["sys/threads"] == 1 for x in lines if "train/loss" in x)
     assert (straight / "checkpoints" / "latest").is_symlink()
 
     # eval from the checkpoint alone, through the CLI
@@ -234,3 +236,15 @@ def test_ddp_two_ranks_match_one_rank_with_double_batch(pusht_zarr, tmp_path):
     a, b = _weights(one / "checkpoints" / "latest"), _weights(two / "checkpoints" / "latest")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_every_step_adapts_the_threads(pusht_zarr, tmp_path, monkeypatch):
+    """The loop asks the thread guard before each step (threads.py), so a competitor that starts
+    mid-run takes a thread away within seconds."""
+    import diffusion_policy.training.loop as loop
+
+    calls = []
+    monkeypatch.setattr(loop, "adapt_threads", lambda: calls.append(1))
+    args = [f"task.dataset={pusht_zarr}", *BASE, "train.max_steps=3", "train.eval_every=0"]
+    assert main(["train", "smoke", *args, f"run_dir={tmp_path / 'r'}"]) == 0
+    assert len(calls) == 3

@@ -12,8 +12,9 @@ BUDGET_HELP = (
     "for the final evaluation, so the schedule always ends in the budget; the steps reached depend on "
     "the machine, so such a run is not bit-for-bit reproducible across machines (a step-based run, "
     "train.budget_min=null train.max_steps=N, is). --resume of a budgeted run continues from the time "
-    "used at its latest checkpoint. Threads: train.num_threads (0 = every core with OMP_WAIT_POLICY=PASSIVE; "
-    "a set OMP_NUM_THREADS replaces that default)."
+    "used at its latest checkpoint. Threads: train.num_threads (0 = every core while the machine is "
+    "free, one fewer per core other processes keep busy; N > 0 or a set OMP_NUM_THREADS fixes the count, "
+    "which bit-for-bit resume needs)."
 )
 
 

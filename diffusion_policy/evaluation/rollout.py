@@ -32,6 +32,7 @@ from diffusion_policy.execution import (
     Smoothness,
     check_delay,
 )
+from diffusion_policy.threads import adapt_threads
 
 
 class EvalError(UserError, RuntimeError):
@@ -105,6 +106,7 @@ class Actor:
         self.generator = torch.Generator(device=policy.device).manual_seed(seed)
 
     def __call__(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        adapt_threads()
         with torch.no_grad():
             out = self.policy.predict_action_chunk(obs, generator=self.generator)
         return out["action"].float().cpu().numpy()
@@ -120,6 +122,7 @@ class Actor:
         """The future (B, F, Da) for ticks t.. of the newest observation; see policies/guidance.py."""
         from diffusion_policy.policies.guidance import plan_chunk
 
+        adapt_threads()
         if prefix is not None:
             prefix = torch.as_tensor(prefix, dtype=torch.float32, device=self.policy.device)
         out = plan_chunk(

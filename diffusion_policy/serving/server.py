@@ -76,6 +76,7 @@ from diffusion_policy.serving.protocol import (
     shorten,
     unpackb,
 )
+from diffusion_policy.threads import adapt_threads
 
 log = logging.getLogger("dp.serve")
 INLINE_PARSE_BYTES = 64 * 1024  # at most MAX_REQUEST_OBJECTS objects in 64 KiB: microseconds
@@ -376,6 +377,7 @@ class InferenceEngine:
     def _predict(
         self, obs: dict[str, np.ndarray], noise: torch.Tensor | None, gen: torch.Generator | None
     ) -> tuple[np.ndarray, np.ndarray]:
+        adapt_threads()  # in the inference thread, whose torch thread count it sets
         with torch.no_grad():
             out = self.policy.predict_action_chunk(obs, generator=gen, noise=noise)
         return out["action"].float().cpu().numpy(), out["action_pred"].float().cpu().numpy()

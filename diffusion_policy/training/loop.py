@@ -24,7 +24,7 @@ import torch.distributed as dist
 from diffusion_policy.config import Config, TrainConfig, to_dict
 from diffusion_policy.errors import ConfigError, UserError
 from diffusion_policy.evaluation.rollout import EvalError
-from diffusion_policy.threads import configure_threads
+from diffusion_policy.threads import adapt_threads, configure_threads, thread_metrics
 from diffusion_policy.training.budget import Clock, budget_lr_schedule, make_budget
 from diffusion_policy.training.build import (
     Dist,
@@ -84,6 +84,7 @@ def train(
         if c.eval_first and step == 0 and d.main:
             log.log(step, evaluation_metrics(run, run_dir, step))
         while step < run.total_steps:
+            adapt_threads()  # fewer torch threads while other processes keep cores busy
             loss = run.learner.step(run.batch(step))
             step += 1
             log.train_step(step, loss, run)
@@ -96,8 +97,17 @@ def train(
                 if budget is not None:
                     run.meta["budget_used_s"] = budget.used_s()
                 ckpt.save(step)
-            if d.main and (c.eval_every and step % c.eval_every == 0 or last and c.final_eval):
+            evaluating = d.main and (
+                c.eval_every and step % c.eval_every == 0 or last and c.final_eval
+            )
+            if evaluating:
                 evaluate_and_keep_best(run, run_dir, step, log, ckpt)
+            if evaluating and not last and budget is not None and budget.done():
+                # a periodic evaluation used up the budget: it is the final one, not a second
+                # evaluation of the same weights one step later
+                run.meta["budget_used_s"] = budget.used_s()
+                ckpt.save(step)
+                stopping = True
             if stop.agreed(stopping):
                 break
         if budget is not None and d.main:
@@ -210,7 +220,8 @@ class MetricsLog:
             self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
         ema = run.learner.ema
         self.log(step, {"train/loss": mean_loss, "train/lr": lr, "train/epoch": step / run.steps_per_epoch,
-                        "train/ema_decay": ema.decay if ema else 0.0, "time/elapsed_s": time.time() - self.t_start})  # fmt: skip
+                        "train/ema_decay": ema.decay if ema else 0.0, "time/elapsed_s": time.time() - self.t_start,
+                        **thread_metrics()})  # fmt: skip
 
     def say(self, msg: str) -> None:
         (self.bar.write if self.bar else print)(msg)
