@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,24 @@ def test_the_guard_reads_this_machine():
     assert th._cpu_busy_ticks() >= busy0 and th._own_ticks() > own0
     g = ThreadGuard(2, lambda n: None, every=0.0)
     assert g() in (1, 2) and g.others >= 0.0
+
+
+def test_a_child_process_counts_as_this_run_not_as_a_competitor():
+    """Vector-env workers are this run's own load: the guard must not yield a thread to them."""
+    own0 = th._own_ticks()
+    child = subprocess.run([sys.executable, "-c", "import time; t = time.process_time()\nwhile time.process_time() - t < 1.0: pass\nprint(1)"], capture_output=True, timeout=60)  # fmt: skip
+    assert child.returncode == 0
+    assert th._own_ticks() - own0 >= 0.8 * os.sysconf("SC_CLK_TCK")  # its 1 s of CPU, reaped
+    # and a live one (read through /proc/PID/task/*/children)
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        own0, child0 = th._own_ticks(), th._proc_ticks(str(busy.pid))
+        time.sleep(1.0)
+        own1, child1 = th._own_ticks(), th._proc_ticks(str(busy.pid))
+    finally:
+        busy.kill()
+        busy.wait()
+    assert child1 - child0 > 0 and own1 - own0 >= child1 - child0
 
 
 def test_adapt_threads_applies_the_guard_and_is_a_no_op_when_fixed(monkeypatch):
