@@ -10,6 +10,9 @@ import pytest
 os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# as `make test`: a fixed torch thread count (threads.py adapts only an unset one), so the tests that
+# compare two runs bit for bit stay exact beside other workers, and one thread per xdist worker
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PUSHT_ZARR = Path(
