@@ -145,9 +145,8 @@ def test_a_periodic_evaluation_that_uses_up_the_budget_is_the_final_one(pusht_za
     monkeypatch.setattr(loop, "evaluation_metrics", slow_eval)
     cfg = _budgeted(pusht_zarr, run_dir, "train.cadence.eval_every=2", "train.cadence.checkpoint_every=0")  # fmt: skip
     train(cfg, build=_ticking_build(clock, 10.0), clock=clock)
-    assert evaluated == [
-        2
-    ]  # at step 2 (20 s) the evaluation took the run past its 30 s of training
+    # at step 2 (20 s) the evaluation took the run past its 30 s of training
+    assert evaluated == [2]
     assert [r["step"] for r in _rows(run_dir) if "train/loss" in r] == [1, 2]
     meta = json.loads((run_dir / "checkpoints" / "latest" / "meta.json").read_text())
     assert meta["step"] == 2 and meta["budget_used_s"] == pytest.approx(35.0)

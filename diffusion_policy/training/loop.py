@@ -79,6 +79,12 @@ def train(
         budget.resume(float(ckpt.restored_meta.get("budget_used_s", 0.0)))
     if d.main:
         print(run.describe(run_dir) + (budget.describe() if budget else ""))
+
+    def save(at: int) -> None:
+        if budget is not None:
+            run.meta["budget_used_s"] = budget.used_s()
+        ckpt.save(at)
+
     log = MetricsLog(run_dir, cfg, d.main, None if budget and t.max_steps is None else run.total_steps, step)  # fmt: skip
     with StopRequest(t, d, device) as stop, log:
         if c.eval_first and step == 0 and d.main:
@@ -93,10 +99,9 @@ def train(
             stopping = stop.requested(step) or budget is not None and budget.done()
             last = step == run.total_steps or stopping
             # checkpoint before evaluating, so a failed evaluation never costs the trained weights
-            if c.checkpoint_every and step % c.checkpoint_every == 0 or last:
-                if budget is not None:
-                    run.meta["budget_used_s"] = budget.used_s()
-                ckpt.save(step)
+            saved = c.checkpoint_every and step % c.checkpoint_every == 0 or last
+            if saved:
+                save(step)
             evaluating = d.main and (
                 c.eval_every and step % c.eval_every == 0 or last and c.final_eval
             )
@@ -105,9 +110,9 @@ def train(
             if evaluating and not last and budget is not None and budget.done():
                 # a periodic evaluation used up the budget: it is the final one, not a second
                 # evaluation of the same weights one step later
-                run.meta["budget_used_s"] = budget.used_s()
-                ckpt.save(step)
                 stopping = True
+                if not saved:
+                    save(step)
             if stop.agreed(stopping):
                 break
         if budget is not None and d.main:
