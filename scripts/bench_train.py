@@ -46,9 +46,20 @@ def variant_overrides(variant: str) -> list[str]:
     ]
 
 
+def dataset_for(preset: str, given: str | None) -> str:
+    """--dataset, else the preset's own store; where that is not made yet but is the Push-T human
+    store, the shared copy (so Push-T presets need no fetch and other tasks train on their own data)."""
+    if given:
+        return given
+    own = load_config(preset).task.dataset
+    if not Path(own).exists() and Path(own).name == Path(DEFAULT_DATA).name:
+        return DEFAULT_DATA
+    return own
+
+
 def run_variant(preset: str, variant: str, args, run_dir: Path) -> dict:
     overrides = [
-        f"task.dataset={args.dataset}", f"train.device={args.device}", f"run_dir={run_dir}",
+        f"task.dataset={dataset_for(preset, args.dataset)}", f"train.device={args.device}", f"run_dir={run_dir}",
         f"train.max_steps={args.steps}", "train.cadence.eval_every=0", "train.cadence.final_eval=false",
         "train.cadence.val_every=0", "train.cadence.checkpoint_every=0", f"train.cadence.log_every={args.log_every}",
         "train.progress=false", "wandb.mode=disabled", *args.override, *variant_overrides(variant),
@@ -83,7 +94,9 @@ def main() -> int:
     ap.add_argument("--presets", nargs="+", default=["pusht_diffusion_state"])
     ap.add_argument("--variants", nargs="+", default=["eager", "graph", "graph+bf16"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dataset", default=DEFAULT_DATA)
+    ap.add_argument(
+        "--dataset", default=None, help=f"default: the preset's store ({DEFAULT_DATA} for Push-T's)"
+    )
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--log-every", type=int, default=25)
