@@ -372,7 +372,8 @@ def _call(venv: gym.vector.VectorEnv, method: str, cfg: EvalConfig, *args, **kwa
         ) from None
     except (EOFError, BrokenPipeError, ConnectionResetError) as e:
         raise EvalError(
-            f"an env worker died during {method}: {type(e).__name__}: {e}{_dead_workers(venv)}"
+            f"an env worker died during {method}: {type(e).__name__}: {e}"
+            f"{_dead_workers(venv, settle_s=1.0)}"
         ) from None
     except UserError:
         raise
@@ -380,12 +381,18 @@ def _call(venv: gym.vector.VectorEnv, method: str, cfg: EvalConfig, *args, **kwa
         raise EvalError(f"an env worker failed during {method}: {type(e).__name__}: {e}") from None
 
 
-def _dead_workers(venv: gym.vector.VectorEnv) -> str:
-    """', worker 1 (pid 42) killed by SIGKILL' for each worker process that is gone."""
+def _dead_workers(venv: gym.vector.VectorEnv, settle_s: float = 0.0) -> str:
+    """', worker 1 (pid 42) killed by SIGKILL' for each worker process that is gone.
+
+    A dead worker's pipe can report EOF before the process is reaped, so its exit code would still
+    read None; `settle_s` waits up to that long in all for such processes to be reaped."""
     import signal
 
     parts = []
+    deadline = time.monotonic() + settle_s
     for i, p in enumerate(getattr(venv, "processes", [])):
+        if p.exitcode is None and (left := deadline - time.monotonic()) > 0:
+            p.join(timeout=left)
         code = p.exitcode
         if code is not None:
             how = f"exited with {code}"
